@@ -1,0 +1,181 @@
+"""The contrastive objective: hand-computed losses, gradient signs, and masked sequence scoring."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from avss_lib.contrastive import (
+    AnswerLogprobs,
+    ContrastiveExample,
+    combined_loss,
+    encode_pairs,
+    infonce_loss,
+    lm_loss,
+    margin_loss,
+    score_examples,
+    sequence_logprobs,
+)
+from avss_lib.errors import ConfigError, DataError
+from avss_lib.tiny_models import TINY_TYPES, tiny_model
+
+CHARS = string.ascii_letters + string.digits + " ?:.,!'\n-"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; ids 0-3 are pad/bos/eos/unk, all ids < 96."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+TOK = char_tokenizer()
+
+
+# --- losses on hand-computed inputs -------------------------------------------------------------
+
+
+def test_infonce_hand_computed() -> None:
+    pos, neg = torch.tensor([0.0]), torch.tensor([[-1.0, -2.0]])
+    expected = -math.log(1 / (1 + math.exp(-1) + math.exp(-2)))  # 0.40760...
+    assert infonce_loss(pos, neg, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+    expected_t2 = -math.log(1 / (1 + math.exp(-0.5) + math.exp(-1)))
+    assert infonce_loss(pos, neg, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+
+
+def test_infonce_masked_negative_is_ignored() -> None:
+    pos = torch.tensor([0.0, 0.0])
+    neg = torch.tensor([[-1.0, 5.0], [-1.0, -2.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    out = infonce_loss(pos, neg, neg_mask=mask)
+    assert out[0].item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    assert out[1].item() == pytest.approx(math.log(1 + math.exp(-1) + math.exp(-2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "margin"])
+def test_gradient_pulls_positive_up_and_negatives_down(kind: str) -> None:
+    pos = torch.tensor([-1.0], requires_grad=True)
+    neg = torch.tensor([[-0.5, -1.2]], requires_grad=True)
+    loss = infonce_loss(pos, neg) if kind == "infonce" else margin_loss(pos, neg, margin=0.5)
+    loss.sum().backward()
+    assert pos.grad.item() < 0
+    assert (neg.grad > 0).all()
+
+
+def test_margin_hand_computed_and_zero_when_separated() -> None:
+    pos, neg = torch.tensor([0.0]), torch.tensor([[-1.0, -0.05]])
+    # hinges: max(0, 0.1 - 0 - 1) = 0 and max(0, 0.1 - 0 - 0.05) = 0.05; mean 0.025
+    assert margin_loss(pos, neg, margin=0.1).item() == pytest.approx(0.025, rel=1e-6)
+    assert margin_loss(pos, torch.tensor([[-1.0, -0.5]]), margin=0.1).item() == 0.0
+    masked = margin_loss(pos, neg, margin=0.1, neg_mask=torch.tensor([[True, False]]))
+    assert masked.item() == 0.0
+
+
+def test_lm_loss_is_token_level_mean() -> None:
+    pos = AnswerLogprobs(sums=torch.tensor([-2.0, -3.0]), counts=torch.tensor([2.0, 4.0]))
+    assert lm_loss(pos).item() == pytest.approx(5 / 6)  # not the mean of per-answer means (0.875)
+
+
+def test_combined_loss_weights_and_lm_only_ablation() -> None:
+    pos = AnswerLogprobs(sums=torch.tensor([0.0]), counts=torch.tensor([1.0]))
+    neg = torch.tensor([[-1.0, -2.0]])
+    con = math.log(1 + math.exp(-1) + math.exp(-2))
+    parts = combined_loss(pos, neg, None, lambda_con=2.0, lambda_lm=3.0)
+    assert parts.total.item() == pytest.approx(2 * con + 3 * 0.0, rel=1e-6)
+    lm_only = combined_loss(AnswerLogprobs(torch.tensor([-4.0]), torch.tensor([2.0])), None, None, lambda_con=0.0)
+    assert lm_only.total.item() == pytest.approx(2.0)
+    assert math.isnan(lm_only.con.item())
+    margin = combined_loss(pos, neg, None, loss="margin", margin=1.5, lambda_lm=0.0)
+    assert margin.total.item() == pytest.approx(((1.5 - 1) + 0.0) / 2)
+
+
+def test_loss_input_errors() -> None:
+    with pytest.raises(ConfigError, match="temperature"):
+        infonce_loss(torch.zeros(1), torch.zeros(1, 2), temperature=0.0)
+    with pytest.raises(ConfigError, match="pos \\[B\\]"):
+        infonce_loss(torch.zeros(2), torch.zeros(3, 2))
+    with pytest.raises(DataError, match="no negative"):
+        margin_loss(torch.zeros(1), torch.zeros(1, 2), neg_mask=torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="unknown contrastive loss"):
+        combined_loss(AnswerLogprobs(torch.zeros(1), torch.ones(1)), torch.zeros(1, 1), None, loss="hinge")
+
+
+# --- tokenisation and sequence scores ----------------------------------------------------------
+
+
+def test_encode_pairs_masks_answer_tokens_and_right_pads() -> None:
+    batch = encode_pairs(TOK, ["Q:ab", "Q:a"], ["xy", "zzzz"])
+    assert batch.input_ids.shape == (2, 7)
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert batch.answer_mask.int().tolist() == [[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]]
+    assert batch.input_ids[0, 6].item() == TOK.pad_token_id
+
+
+def test_encode_pairs_truncates_prompt_from_the_left() -> None:
+    batch = encode_pairs(TOK, ["abcdef"], ["xyz"], max_length=5)
+    assert "".join(TOK.convert_ids_to_tokens(batch.input_ids[0].tolist())) == "efxyz"
+    assert batch.answer_mask.int().tolist() == [[0, 0, 1, 1, 1]]
+
+
+def test_empty_answer_raises() -> None:
+    with pytest.raises(DataError, match="no tokens"):
+        encode_pairs(TOK, ["Q:"], [""])
+
+
+def _manual_score(model: torch.nn.Module, prompt: str, answer: str) -> float:
+    """Mean over answer tokens of log p(token | everything before it), one unpadded sequence."""
+    p_ids = TOK(prompt)["input_ids"]
+    a_ids = TOK(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + a_ids])
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    total = sum(logp[len(p_ids) + t - 1, a_ids[t]].item() for t in range(len(a_ids)))
+    return total / len(a_ids)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sequence_logprobs_matches_manual_computation(model_type: str) -> None:
+    model = tiny_model(model_type, n_layers=2, seed=3)
+    with torch.no_grad():
+        scores = sequence_logprobs(model, TOK, ["Q: hi?\nA:"], [" yes"])
+    assert scores.shape == (1,)
+    assert scores.item() == pytest.approx(_manual_score(model, "Q: hi?\nA:", " yes"), abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_padding_does_not_change_scores(model_type: str) -> None:
+    model = tiny_model(model_type, n_layers=2, seed=1)
+    short = ("Q: a?\nA:", " b")
+    long = ("Q: a much longer question here?\nA:", " and a longer answer too")
+    with torch.no_grad():
+        alone = sequence_logprobs(model, TOK, [short[0]], [short[1]])
+        batched = sequence_logprobs(model, TOK, [short[0], long[0]], [short[1], long[1]])
+        pre_tokenised = sequence_logprobs(model, encode_pairs(TOK, [long[0], short[0]], [long[1], short[1]]))
+    assert batched[0].item() == pytest.approx(alone.item(), abs=1e-5)
+    assert pre_tokenised[1].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_score_examples_arranges_negatives_with_mask() -> None:
+    model = tiny_model("llama", n_layers=2, seed=0)
+    examples = [
+        ContrastiveExample("a", "Q: x?\nA:", " yes", (" no",)),
+        ContrastiveExample("b", "Q: y?\nA:", " up", (" down", " left")),
+    ]
+    with torch.no_grad():
+        scored = score_examples(model, TOK, examples)
+        lm_only = score_examples(model, TOK, examples, with_negatives=False)
+    assert scored.neg_mask.tolist() == [[True, False], [True, True]]
+    assert scored.neg_scores[1, 1].item() == pytest.approx(_manual_score(model, "Q: y?\nA:", " left"), abs=1e-5)
+    assert scored.neg_scores[0, 0].item() == pytest.approx(_manual_score(model, "Q: x?\nA:", " no"), abs=1e-5)
+    assert scored.pos.counts.tolist() == [4.0, 3.0]
+    assert torch.allclose(scored.pos.scores, lm_only.pos.scores, atol=1e-6)
+    assert lm_only.neg_scores is None
