@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import string
+
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -11,10 +14,23 @@ from transformers import (
     LlamaConfig,
     OPTConfig,
     PretrainedConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
 VOCAB = 96
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3 = the tiny configs' pad, bos, eos ids
+_CHARS = string.ascii_letters + string.digits + " \n" + "".join(c for c in string.punctuation if c not in "{|}~")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with exactly the tiny models' 96 ids (one token per character)."""
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + list(_CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
 def tiny_config(model_type: str, n_layers: int = 4) -> PretrainedConfig:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from avss_lib.contrastive import (
     AnswerLogprobs,
@@ -23,22 +20,9 @@ from avss_lib.contrastive import (
     sequence_logprobs,
 )
 from avss_lib.errors import ConfigError, DataError
-from avss_lib.tiny_models import TINY_TYPES, tiny_model
+from avss_lib.tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 
-CHARS = string.ascii_letters + string.digits + " ?:.,!'\n-"
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; ids 0-3 are pad/bos/eos/unk, all ids < 96."""
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-TOK = char_tokenizer()
+TOK = tiny_tokenizer()
 
 
 # --- losses on hand-computed inputs -------------------------------------------------------------

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from avss_lib.contrastive import ContrastiveExample
 from avss_lib.errors import ConfigError
 from avss_lib.layers import find_layers
-from avss_lib.tiny_models import tiny_model
+from avss_lib.tiny_models import tiny_model, tiny_tokenizer
 from avss_lib.training import TrainConfig, batch_indices, count_trainable, freeze_all_but, train
 
-CHARS = string.ascii_letters + string.digits + " ?:.,!'\n-"
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; ids 0-3 are pad/bos/eos/unk, all ids < 96."""
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-TOK = char_tokenizer()
+TOK = tiny_tokenizer()
 EXAMPLES = [
     ContrastiveExample("e0", "Q: capital of France?\nA:", " Paris", (" Rome", " Lyon")),
     ContrastiveExample("e1", "Q: two plus two?\nA:", " 4", (" 5",)),
