@@ -21,7 +21,8 @@ Influence and the angular distance need.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import ConfigError
 from .layers import find_layers
@@ -197,18 +198,59 @@ def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class ActivationStatsCollector:
-    """Context manager that hooks a model and accumulates :class:`StatsSpec` statistics for each forward pass.
+#: Called with (site, layer, activation, block input or None) for every hooked activation.
+ActivationCallback = Callable[[str, int, Tensor, "Tensor | None"], None]
 
-    Hooks are removed on exit, also when the body raises. Call :meth:`set_mask` with the (B, T) boolean mask
-    of tokens that count before each forward pass (:func:`collect_activation_stats` does this).
+
+@contextmanager
+def site_hooks(model: nn.Module, sites: Sequence[str], callback: ActivationCallback) -> Iterator[None]:
+    """Hook every decoder layer of ``model`` at ``sites``, calling ``callback``; remove the hooks on exit.
+
+    ``callback`` receives the raw activation tensor (``block_output`` also passes the block's input hidden
+    states, for the input/output cosine). Hooks are removed even when the body raises.
+    """
+    layers = find_layers(model)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def block_hook(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            callback("block_output", i, _first(output), args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def mlp_hook(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            callback("mlp_activation", i, args[0], None)
+        return hook
+
+    def attn_hook(i: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            callback("attn_output", i, _first(output), None)
+        return hook
+
+    try:
+        for i in range(len(layers)):
+            if "block_output" in sites:
+                handles.append(layers.layers[i].register_forward_hook(block_hook(i), with_kwargs=True))
+            if "mlp_activation" in sites:
+                handles.append(layers.down_proj(i).register_forward_pre_hook(mlp_hook(i)))
+            if "attn_output" in sites:
+                handles.append(layers.attention(i).register_forward_hook(attn_hook(i)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ActivationStatsCollector:
+    """Accumulates :class:`StatsSpec` statistics for each forward pass of a hooked model.
+
+    Use it inside :func:`site_hooks` (as :func:`collect_activation_stats` does), and call :meth:`set_mask`
+    with the (B, T) boolean mask of the tokens that count before each forward pass.
     """
 
-    def __init__(self, model: nn.Module, spec: StatsSpec | None = None) -> None:
-        self.spec = spec or StatsSpec()
-        self.layers = find_layers(model)
-        self.stats = {(s, i): _SiteLayerStats(self.spec) for s in self.spec.sites for i in range(len(self.layers))}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+    def __init__(self, n_layers: int, spec: StatsSpec) -> None:
+        self.spec = spec
+        self.stats = {(s, i): _SiteLayerStats(spec) for s in spec.sites for i in range(n_layers)}
         self._valid: Tensor | None = None
 
     def set_mask(self, valid: Tensor) -> None:
@@ -219,42 +261,11 @@ class ActivationStatsCollector:
         assert self._valid is not None, "call set_mask() before the forward pass"
         return x.reshape(*self._valid.shape, -1)  # OPT flattens (B*T, d) inside its MLP
 
-    def __enter__(self) -> ActivationStatsCollector:
-        for i in range(len(self.layers)):
-            if "block_output" in self.spec.sites:
-                self._handles.append(self.layers.layers[i].register_forward_hook(self._block_hook(i), with_kwargs=True))
-            if "mlp_activation" in self.spec.sites:
-                self._handles.append(self.layers.down_proj(i).register_forward_pre_hook(self._mlp_hook(i)))
-            if "attn_output" in self.spec.sites:
-                self._handles.append(self.layers.attention(i).register_forward_hook(self._attn_hook(i)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _block_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = _first(output)
-            stats = self.stats[("block_output", i)]
-            stats.update(self._as_btd(h_out), self._valid)
-            stats.update_cosine(self._as_btd(h_in), self._as_btd(h_out), self._valid)
-
-        return hook
-
-    def _mlp_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.stats[("mlp_activation", i)].update(self._as_btd(args[0]), self._valid)
-
-        return hook
-
-    def _attn_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self.stats[("attn_output", i)].update(self._as_btd(_first(output)), self._valid)
-
-        return hook
+    def __call__(self, site: str, layer: int, x: Tensor, h_in: Tensor | None) -> None:
+        stats = self.stats[(site, layer)]
+        stats.update(self._as_btd(x), self._valid)
+        if h_in is not None:
+            stats.update_cosine(self._as_btd(h_in), self._as_btd(x), self._valid)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (site, layer) with every statistic (see the module docstring)."""
@@ -275,9 +286,11 @@ def collect_activation_stats(
     Tokens count when ``attention_mask`` is 1 (and ``stat_mask`` is true, if a batch carries one, e.g. to count
     only answer tokens). Raises :class:`ConfigError` on an empty calibration set.
     """
+    spec = spec or StatsSpec()
     device = next(model.parameters()).device
     n_batches = 0
-    with ActivationStatsCollector(model, spec) as collector, torch.inference_mode():
+    collector = ActivationStatsCollector(len(find_layers(model)), spec)
+    with site_hooks(model, spec.sites, collector), torch.inference_mode():
         for batch in tqdm(batches, desc="activation statistics", total=total, disable=not progress):
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)

@@ -7,14 +7,16 @@ seeded subset kept in file order, each truncated to ``max_length`` tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from .benchmarks import load_wikitext2_text, subsample
 from .errors import ConfigError
 
 PADDING_MODES = ("longest", "max_length")
+CALIBRATION_DATASETS = ("wikitext2",)
 
 
 def wikitext_paragraphs(text: str) -> list[str]:
@@ -23,14 +25,20 @@ def wikitext_paragraphs(text: str) -> list[str]:
     return [ln for ln in lines if ln and not (ln.startswith("=") and ln.endswith("="))]
 
 
-def select_samples(samples: Sequence[str], n_samples: int, seed: int) -> list[str]:
-    """A seeded subset of ``n_samples`` samples, kept in their original order."""
+def load_calibration_texts(
+    dataset: str, split: str, n_samples: int, seed: int, data_root: str | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """A seeded subset of ``n_samples`` calibration samples (kept in file order) and its provenance."""
+    if dataset not in CALIBRATION_DATASETS:
+        raise ConfigError(f"unknown calibration dataset {dataset!r}: choose one of {', '.join(CALIBRATION_DATASETS)}")
     if n_samples <= 0:
         raise ConfigError(f"the calibration set is empty (n_samples={n_samples}): use n_samples >= 1")
+    text, provenance = load_wikitext2_text(split, data_root)
+    samples = wikitext_paragraphs(text)
     if n_samples > len(samples):
-        raise ConfigError(f"n_samples={n_samples} but only {len(samples)} calibration samples exist: lower n_samples")
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(samples))[:n_samples])
-    return [samples[i] for i in chosen]
+        raise ConfigError(f"n_samples={n_samples} but {dataset}/{split} has only {len(samples)} paragraphs: lower n_samples")
+    chosen = subsample(samples, n_samples, seed)
+    return chosen, {**provenance, "unit": "paragraph", "n_available": len(samples), "n_samples": n_samples, "seed": seed}
 
 
 def make_batches(

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelSpecError
 from .io import sha256_file
@@ -128,6 +129,15 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     return target
 
 
+def model_provenance(spec: str) -> dict[str, str]:
+    """What a model spec resolved to, with the sha256 of a GGUF source file (for the artifacts)."""
+    resolved = resolve_spec(spec)
+    info = {"spec": spec, "kind": resolved.kind, "location": resolved.location}
+    if resolved.kind == "gguf":
+        info["sha256"] = sha256_file(resolved.location)
+    return info
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -143,6 +153,7 @@ def load_model(
         raise ModelSpecError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     resolved = resolve_spec(spec)
     location = resolved.location
+    hf_logging.disable_progress_bar()  # per-tensor bars would fill the book's outputs
     if resolved.kind == "gguf":
         location = str(convert_gguf(Path(location), Path(cache_dir) if cache_dir else None))
     try:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .contrastive import LOSS_KINDS, ContrastiveExample, LossKind, combined_loss, score_examples

@@ -1,0 +1,192 @@
+"""Run the study's notebooks in order with papermill, reuse finished ones, and build the Jupyter Book.
+
+A *profile* (``avss_lib/profiles/<name>.yaml`` or any YAML file of the same shape) gives ``common``
+parameters, passed to every notebook that declares them, and per-notebook parameters under ``notebooks``.
+Every notebook writes its artifacts to ``<run_dir>/<notebook>/`` and the executed copy to
+``<run_dir>/executed/<notebook>.ipynb``. A notebook whose parameters, source and upstream artifacts are
+unchanged is reused (its fingerprint is in ``<run_dir>/<notebook>/_done.json``) unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .io import atomic_path, read_json, write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+#: Notebooks in execution order, each with the notebooks whose artifacts it reads.
+NOTEBOOKS: dict[str, tuple[str, ...]] = {
+    "01_activations": (),
+    "02_avss_ranking": ("01_activations",),
+}
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """What happened to one notebook: ``status`` is 'ran' or 'reused'."""
+
+    name: str
+    status: str
+    seconds: float
+
+
+def profile_names() -> list[str]:
+    """Names of the bundled profiles."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(profile: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a bundled profile by name, or a YAML file by path; validate its shape."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{profile}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown profile {str(profile)!r}: choose one of {', '.join(profile_names())} or give a YAML file")
+    elif not path.is_file():
+        raise ConfigError(f"parameters file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or set(data) - {"common", "notebooks"}:
+        raise ConfigError(f"{path}: a profile has only the keys 'common' and 'notebooks'")
+    unknown = set(data.get("notebooks") or {}) - set(NOTEBOOKS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown notebook(s) {sorted(unknown)}: choose from {', '.join(NOTEBOOKS)}")
+    return {"common": data.get("common") or {}, "notebooks": data.get("notebooks") or {}}
+
+
+def declared_parameters(notebook: str) -> dict[str, Any]:
+    """The parameters a notebook declares in its ``parameters`` cell, with their defaults."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"))
+    return {name: spec["default"] for name, spec in params.items()}
+
+
+def notebook_parameters(profile: dict[str, Any], notebook: str, run_dir: Path) -> dict[str, Any]:
+    """The parameters papermill injects into ``notebook``: the profile's common and own values, and the run folder."""
+    declared = declared_parameters(notebook)
+    own = profile["notebooks"].get(notebook, {})
+    unknown = set(own) - set(declared)
+    if unknown:
+        raise ConfigError(f"notebook {notebook} has no parameter(s) {sorted(unknown)}: it declares {', '.join(declared)}")
+    params = {k: v for k, v in profile["common"].items() if k in declared}
+    params.update(own)
+    params["run_dir"] = str(run_dir)
+    for key in ("data_root",):
+        if key in params and params[key] != "hub":
+            params[key] = str((REPO_ROOT / params[key]).resolve())
+    return params
+
+
+def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update((NOTEBOOK_DIR / f"{notebook}.ipynb").read_bytes())
+    for module in sorted((REPO_ROOT / "avss_lib").glob("*.py")):
+        h.update(module.read_bytes())
+    for upstream in NOTEBOOKS[notebook]:
+        h.update(read_json(run_dir / upstream / "_done.json")["fingerprint"].encode())
+    return h.hexdigest()
+
+
+def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force: bool = False) -> NotebookRun:
+    """Execute one notebook with papermill unless an identical finished run exists."""
+    import papermill
+
+    out_dir = run_dir / notebook
+    executed = run_dir / "executed" / f"{notebook}.ipynb"
+    done_file = out_dir / "_done.json"
+    fingerprint = _fingerprint(notebook, params, run_dir)
+    if not force and done_file.is_file() and executed.is_file():
+        if read_json(done_file).get("fingerprint") == fingerprint:
+            return NotebookRun(notebook, "reused", 0.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with atomic_path(executed) as tmp:
+        papermill.execute_notebook(
+            str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(tmp), parameters=params, cwd=str(REPO_ROOT),
+            kernel_name="python3", progress_bar=False, log_output=True,
+        )
+    seconds = time.perf_counter() - start
+    write_json({"fingerprint": fingerprint, "parameters": params, "seconds": seconds,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+                "machine": platform.platform()}, done_file)
+    return NotebookRun(notebook, "ran", seconds)
+
+
+def run_pipeline(
+    profile: str | os.PathLike[str] = "default",
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    only: Sequence[str] | None = None,
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> list[NotebookRun]:
+    """Run the profile's notebooks in order (or only ``only``), reusing unchanged finished ones."""
+    prof = load_profile(profile)
+    prof["common"].update(overrides or {})
+    name = Path(profile).stem
+    run_path = Path(run_dir) if run_dir else REPO_ROOT / "data" / "runs" / name
+    selected = list(NOTEBOOKS) if not only else [_notebook_name(n) for n in only]
+    runs = []
+    for notebook in NOTEBOOKS:
+        if notebook in selected:
+            params = notebook_parameters(prof, notebook, run_path)
+            run = run_notebook(notebook, params, run_path, force=force)
+            runs.append(run)
+            print(f"[avss] {notebook}: {run.status} ({run.seconds:.0f} s, peak RSS "
+                  f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB so far)", flush=True)
+    return runs
+
+
+def _notebook_name(key: str) -> str:
+    matches = [n for n in NOTEBOOKS if n == key or n.split("_", 1)[0] == key.zfill(2)]
+    if len(matches) != 1:
+        raise ConfigError(f"unknown notebook {key!r}: choose from {', '.join(NOTEBOOKS)} (or their numbers)")
+    return matches[0]
+
+
+def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Stage the book sources with the executed notebooks of ``run_dir`` and build HTML (warnings are errors).
+
+    Chapters whose notebook has not been executed in ``run_dir`` are left out of the table of contents.
+    Returns the folder of the built HTML (``<output_dir>/_build/html``; ``output_dir`` defaults to the repo).
+    """
+    run_path = Path(run_dir)
+    out = Path(output_dir) if output_dir else REPO_ROOT
+    stage = out / "_build" / "stage"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    for item in BOOK_SOURCES:
+        src = REPO_ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / item)
+    shutil.copytree(run_path / "executed", stage / "executed")
+    toc = yaml.safe_load((stage / "_toc.yml").read_text())
+    toc["chapters"] = [c for c in toc["chapters"] if (stage / f"{c['file']}.ipynb").is_file() or (stage / f"{c['file']}.md").is_file()]
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    html = out / "_build" / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(stage), "--path-output", str(out), "-W", "--keep-going"]
+    result = subprocess.run(cmd, text=True, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return html

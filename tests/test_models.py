@@ -1,0 +1,58 @@
+"""Model specs: resolution, readable errors, and the converted-weights cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avss_lib.errors import ModelSpecError
+from avss_lib.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec
+
+
+def test_unknown_spec_names_the_accepted_forms():
+    with pytest.raises(ModelSpecError, match="unknown model spec 'not a model'.*bundled name"):
+        resolve_spec("not a model")
+
+
+def test_missing_gguf_and_bad_folder(tmp_path):
+    with pytest.raises(ModelSpecError, match="does not exist"):
+        resolve_spec(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        resolve_spec(str(tmp_path))
+
+
+def test_hub_id_is_classified_and_fails_readably_offline(monkeypatch):
+    assert resolve_spec("HuggingFaceTB/SmolLM2-360M-Instruct").kind == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSpecError, match="could not load"):
+        load_model("someone-nonexistent/model-xyz")
+
+
+def test_bad_dtype():
+    with pytest.raises(ModelSpecError, match="unknown dtype"):
+        load_model("smollm2-135m-instruct", dtype="int3")
+
+
+def test_local_folder_round_trip(tmp_path):
+    from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+
+    model = tiny_model("qwen2", n_layers=2)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.allclose(loaded(ids).logits, model(ids).logits)
+    assert tok.pad_token is not None and tok.padding_side == "right"
+
+
+@pytest.mark.slow
+def test_bundled_gguf_is_converted_once_and_cached(tmp_path):
+    gguf = resolve_spec("smollm2-135m-instruct").location
+    folder = convert_gguf(__import__("pathlib").Path(gguf), tmp_path)
+    assert folder == gguf_cache_folder(__import__("pathlib").Path(gguf), tmp_path)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(__import__("pathlib").Path(gguf), tmp_path) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
+    model, tok = load_model("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert "smollm2-135m-instruct" in BUNDLED
