@@ -1,7 +1,8 @@
 """Run the study's notebooks in order with papermill, reuse finished ones, and build the Jupyter Book.
 
 A *profile* (``avss_lib/profiles/<name>.yaml`` or any YAML file of the same shape) gives ``common``
-parameters, passed to every notebook that declares them, and per-notebook parameters under ``notebooks``.
+parameters, passed to every notebook that declares them, and per-notebook parameters under ``notebooks``;
+the notebooks listed there are the ones the profile runs.
 Every notebook writes its artifacts to ``<run_dir>/<notebook>/`` and the executed copy to
 ``<run_dir>/executed/<notebook>.ipynb``. A notebook whose parameters, source and upstream artifacts are
 unchanged is reused (its fingerprint is in ``<run_dir>/<notebook>/_done.json``) unless ``force`` is set.
@@ -144,7 +145,8 @@ def run_pipeline(
     prof["common"].update(overrides or {})
     name = Path(profile).stem
     run_path = Path(run_dir) if run_dir else REPO_ROOT / "data" / "runs" / name
-    selected = list(NOTEBOOKS) if not only else [_notebook_name(n) for n in only]
+    in_profile = [n for n in NOTEBOOKS if n in prof["notebooks"]]
+    selected = in_profile if not only else [_notebook_name(n) for n in only]
     runs = []
     for notebook in NOTEBOOKS:
         if notebook in selected:
