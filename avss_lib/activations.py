@@ -128,7 +128,8 @@ class _SiteLayerStats:
         self.n_tokens += int(counts.sum())
         # Authors' pooling: mean over every position (padding included), unbiased variance over hidden units.
         self.pooled_var_padded_sum += float(x.mean(dim=1)[has_tokens].var(dim=-1).sum(dtype=torch.float64))
-        masked_mean = (x * valid.unsqueeze(-1)).sum(dim=1)[has_tokens] / counts[has_tokens].unsqueeze(-1)
+        summed = torch.bmm(valid.to(x.dtype).unsqueeze(1), x).squeeze(1)  # (B, d) sums over valid tokens
+        masked_mean = summed[has_tokens] / counts[has_tokens].unsqueeze(-1)
         self.pooled_var_masked_sum += float(masked_mean.var(dim=-1).sum(dtype=torch.float64))
         xv = x[valid]
         if xv.numel():
@@ -136,13 +137,19 @@ class _SiteLayerStats:
             self.moments.add(float(xv.numel()), float(mean_b), float(var_b) * xv.numel())
         a = xv.abs()
         self.abs_sum += float(a.sum(dtype=torch.float64))
-        pad_abs = x[~valid].abs()
-        for k, eps in enumerate(self.spec.abs_thresholds):
-            below = float((a < eps).sum())
-            self.below_valid[k] += below
-            self.below_padded[k] += below + float((pad_abs < eps).sum())
+        self._count_below(a, self.below_valid, self.below_padded)
+        if not bool(valid.all()):
+            self._count_below(x[~valid].abs(), self.below_padded)
         logs = torch.log10(a).clamp_(HIST_LOG10_MIN, HIST_LOG10_MAX - 1e-9)
         self.hist += torch.histc(logs, bins=len(self.hist), min=HIST_LOG10_MIN, max=HIST_LOG10_MAX).double()
+
+    def _count_below(self, a: Tensor, *accumulators: np.ndarray) -> None:
+        """Add exact counts of ``a < eps`` for every absolute threshold (one full pass over ``a``)."""
+        small = a[a < max(self.spec.abs_thresholds)]  # usually a tiny fraction of the entries
+        for k, eps in enumerate(self.spec.abs_thresholds):
+            below = float((small < eps).sum())
+            for acc in accumulators:
+                acc[k] += below
 
     def update_cosine(self, h_in: Tensor, h_out: Tensor, valid: Tensor) -> None:
         """Add the cosine between layer input and output at valid tokens and at each sample's last valid token."""
