@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.text import rouge_score
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .answer_matching import alias_containment, exact_match
