@@ -10,14 +10,15 @@ unchanged is reused (its fingerprint is in ``<run_dir>/<notebook>/_done.json``) 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import AvssError, ConfigError
 from .io import atomic_path, read_json, write_json
+from .reproducibility import appendix_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -36,8 +38,15 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 NOTEBOOKS: dict[str, tuple[str, ...]] = {
     "01_activations": (),
     "02_avss_ranking": ("01_activations",),
+    "03_pruning": ("01_activations", "02_avss_ranking"),
+    "04_hallucination_layers": ("01_activations", "02_avss_ranking"),
+    "05_mitigation": ("01_activations", "02_avss_ranking", "04_hallucination_layers"),
 }
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
+
+
+class NotebookFailed(AvssError):
+    """A notebook raised while executing; the message names the partly executed copy to inspect."""
 
 
 @dataclass(frozen=True)
@@ -72,23 +81,47 @@ def load_profile(profile: str | os.PathLike[str]) -> dict[str, Any]:
     return {"common": data.get("common") or {}, "notebooks": data.get("notebooks") or {}}
 
 
-def declared_parameters(notebook: str) -> dict[str, Any]:
-    """The parameters a notebook declares in its ``parameters`` cell, with their defaults."""
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a notebook's ``parameters`` cell: its default value and its inline comment."""
+
+    name: str
+    default: Any
+    help: str
+
+
+def declared_parameters(notebook: str) -> dict[str, Parameter]:
+    """The parameters a notebook declares in its ``parameters`` cell."""
     import papermill
 
     params = papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"))
-    return {name: spec["default"] for name, spec in params.items()}
+    return {name: Parameter(name, ast.literal_eval(spec["default"]), spec["help"]) for name, spec in params.items()}
+
+
+def _check_type(notebook: str, param: Parameter, value: Any) -> None:
+    default = param.default
+    if default is None or value is None:
+        return
+    numeric = (int, float)
+    ok = (isinstance(value, bool) == isinstance(default, bool)) and (
+        isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, numeric)))
+    if not ok:
+        raise ConfigError(f"parameter {param.name} of {notebook} must be of type {type(default).__name__} "
+                          f"(like {default!r}), got {value!r}")
 
 
 def notebook_parameters(profile: dict[str, Any], notebook: str, run_dir: Path) -> dict[str, Any]:
     """The parameters papermill injects into ``notebook``: the profile's common and own values, and the run folder."""
     declared = declared_parameters(notebook)
-    own = profile["notebooks"].get(notebook, {})
+    own = profile["notebooks"].get(notebook) or {}
     unknown = set(own) - set(declared)
     if unknown:
         raise ConfigError(f"notebook {notebook} has no parameter(s) {sorted(unknown)}: it declares {', '.join(declared)}")
     params = {k: v for k, v in profile["common"].items() if k in declared}
     params.update(own)
+    params.update({k: v for k, v in profile.get("overrides", {}).items() if k in declared})
+    for key, value in params.items():
+        _check_type(notebook, declared[key], value)
     params["run_dir"] = str(run_dir)
     for key in ("data_root",):
         if key in params and params[key] != "hub":
@@ -109,8 +142,6 @@ def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
 
 def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force: bool = False) -> NotebookRun:
     """Execute one notebook with papermill unless an identical finished run exists."""
-    import papermill
-
     out_dir = run_dir / notebook
     executed = run_dir / "executed" / f"{notebook}.ipynb"
     done_file = out_dir / "_done.json"
@@ -120,15 +151,24 @@ def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force:
             return NotebookRun(notebook, "reused", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with atomic_path(executed) as tmp:
-        papermill.execute_notebook(
-            str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(tmp), parameters=params, cwd=str(REPO_ROOT),
-            kernel_name="python3", progress_bar=False, log_output=True,
-        )
+    with atomic_path(executed) as tmp, tempfile.NamedTemporaryFile("w", suffix=".yaml") as param_file:
+        yaml.safe_dump(params, param_file)
+        param_file.flush()
+        cmd = [sys.executable, "-m", "papermill", str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(tmp),
+               "-f", param_file.name, "--cwd", str(REPO_ROOT), "-k", "python3", "--log-output", "--no-progress-bar"]
+        # tqdm.auto (used by dependencies) warns in a kernel without ipywidgets; plain bars are what we want
+        env = {**os.environ, "PYTHONWARNINGS": "ignore:IProgress not found"}
+        process = subprocess.Popen(cmd, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # rusage of papermill and its kernel: per-notebook peak RSS
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed = executed.with_suffix(".failed.ipynb")
+            if tmp.exists():
+                shutil.copy2(tmp, failed)
+            raise NotebookFailed(f"notebook {notebook} failed; the partly executed copy is {failed}")
     seconds = time.perf_counter() - start
     write_json({"fingerprint": fingerprint, "parameters": params, "seconds": seconds,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-                "machine": platform.platform()}, done_file)
+                "peak_rss_mib": usage.ru_maxrss / 1024, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "python": sys.version.split()[0], "machine": platform.platform()}, done_file)
     return NotebookRun(notebook, "ran", seconds)
 
 
@@ -142,19 +182,22 @@ def run_pipeline(
 ) -> list[NotebookRun]:
     """Run the profile's notebooks in order (or only ``only``), reusing unchanged finished ones."""
     prof = load_profile(profile)
-    prof["common"].update(overrides or {})
     name = Path(profile).stem
     run_path = Path(run_dir) if run_dir else REPO_ROOT / "data" / "runs" / name
     in_profile = [n for n in NOTEBOOKS if n in prof["notebooks"]]
     selected = in_profile if not only else [_notebook_name(n) for n in only]
+    declared = {key for notebook in selected for key in declared_parameters(notebook)}
+    unknown = set(overrides or {}) - declared
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {sorted(unknown)}: the selected notebooks declare {', '.join(sorted(declared))}")
+    prof["overrides"] = dict(overrides or {})
     runs = []
     for notebook in NOTEBOOKS:
         if notebook in selected:
             params = notebook_parameters(prof, notebook, run_path)
             run = run_notebook(notebook, params, run_path, force=force)
             runs.append(run)
-            print(f"[avss] {notebook}: {run.status} ({run.seconds:.0f} s, peak RSS "
-                  f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB so far)", flush=True)
+            print(f"[avss] {notebook}: {run.status} ({run.seconds:.0f} s)", flush=True)
     return runs
 
 
@@ -180,7 +223,8 @@ def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[st
     for item in BOOK_SOURCES:
         src = REPO_ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / item)
-    shutil.copytree(run_path / "executed", stage / "executed")
+    shutil.copytree(run_path / "executed", stage / "executed", ignore=shutil.ignore_patterns("*.failed.ipynb"))
+    (stage / "book" / "reproducibility.md").write_text(appendix_markdown(run_path))
     toc = yaml.safe_load((stage / "_toc.yml").read_text())
     toc["chapters"] = [c for c in toc["chapters"] if (stage / f"{c['file']}.ipynb").is_file() or (stage / f"{c['file']}.md").is_file()]
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
