@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from .errors import AvssError, ConfigError
+from .claims import claims_markdown
 from .io import atomic_path, read_json, write_json
 from .reproducibility import appendix_markdown
 
@@ -225,6 +226,7 @@ def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[st
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / item)
     shutil.copytree(run_path / "executed", stage / "executed", ignore=shutil.ignore_patterns("*.failed.ipynb"))
     (stage / "book" / "reproducibility.md").write_text(appendix_markdown(run_path))
+    (stage / "claims.md").write_text(claims_markdown(run_path))
     toc = yaml.safe_load((stage / "_toc.yml").read_text())
     toc["chapters"] = [c for c in toc["chapters"] if (stage / f"{c['file']}.ipynb").is_file() or (stage / f"{c['file']}.md").is_file()]
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
