@@ -102,3 +102,11 @@ def test_cli_help_lists_parameters():
     out = subprocess.run([sys.executable, "-m", "avss_lib.cli", "run", "--help"], capture_output=True, text=True).stdout
     for option in ("--profile", "--params", "--only", "--force", "--set"):
         assert option in out
+
+
+def test_every_notebook_is_registered_and_exists():
+    from avss_lib.pipeline import NOTEBOOK_DIR, NOTEBOOKS
+
+    assert sorted(NOTEBOOKS) == sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
+    for notebook, upstream in NOTEBOOKS.items():
+        assert all(list(NOTEBOOKS).index(u) < list(NOTEBOOKS).index(notebook) for u in upstream)
