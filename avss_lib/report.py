@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from .activations import abs_column
 
@@ -34,22 +35,35 @@ def faithful_avss_summary(stats: pd.DataFrame, scores: pd.DataFrame, eps: float 
     ]
     if n_inf:
         text.append(
-            "For those layers $\\mathrm{AVSS} = \\sigma^2 / 0 = \\infty$: the normalised scores and the "
+            f"For those layers $\\mathrm{{AVSS}} = \\sigma^2 / 0 = \\infty$: the normalised scores and the "
             "cumulative-mass selection are undefined, and any order among the infinite layers is arbitrary."
         )
-    else:
+    counted = below[below > 0]
+    if counted.size:
         text.append(
-            "No layer has $S = 0$ here, but with so few qualifying entries $S$ is mostly counting noise: one more "
-            "or one fewer near-zero value changes a layer's score by a large factor."
+            f"$S$ is a count of rare events: its Poisson relative standard error $1/\\sqrt{{k}}$ is "
+            f"{100 / np.sqrt(counted.max()):.0f}% to {100 / np.sqrt(counted.min()):.0f}% across the layers with "
+            f"$k > 0$ entries, so a layer's score moves by that much between calibration samples."
+        )
+    finite = faithful[np.isfinite(faithful["avss"].to_numpy())]
+    rho = spearmanr(finite["avss"], finite["variance"]).statistic if len(finite) >= 3 else float("nan")
+    if np.isfinite(rho):
+        text.append(
+            f"Across the layers with a finite score, the faithful AVSS ranking has Spearman $\\rho = {rho:.2f}$ "
+            "with the ranking by variance alone."
         )
     text.append(
         f"The authors' pooled variance grows with depth; its largest step is ×{jumps[j]:.1f} from layer {j} to "
         f"layer {j + 1}, and the element variance goes from {elem[j]:.3g} to {elem[j + 1]:.3g} "
         f"(×{elem[j + 1] / elem[j]:.0f}) at the same step — the signature of a massive-activation dimension "
-        "in the residual stream. On this pre-norm model the faithful AVSS therefore ranks layers mostly by "
-        "activation scale (deep layers look important) and by the noise in a handful of near-zero counts, "
-        "not by anything specific to the layer's function. The well-defined variants below (relative threshold, "
-        "MLP site, explicit smoothing) are compared for that reason."
+        "in the residual stream {cite:p}`sun2024massive`. "
+        + ("On this pre-norm model the faithful AVSS is therefore a ranking by activation scale (deep layers look "
+           "important); the sparsity term, a handful of near-zero counts, does not change the order. "
+           if rho > 0.9 else
+           "On this pre-norm model the faithful AVSS therefore mixes activation scale (deep layers look important) "
+           "with the noise of a handful of near-zero counts. ")
+        + "The well-defined variants below (relative threshold, MLP site, explicit smoothing) are compared for "
+        "that reason."
     )
     return " ".join(text)
 
