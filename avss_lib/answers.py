@@ -200,7 +200,9 @@ def answer_summary(answers: pd.DataFrame, *, conventions: Sequence[str] = tuple(
     """Accuracy with its bootstrap 95% CI, hallucination rate, class sizes and ECE per dataset and convention.
 
     Multiple-choice data sets have one row (convention ``choice``); generative ones one per convention.
-    ``usable`` says whether both classes reach ``min_class`` examples.
+    ``usable`` says whether both classes reach ``min_class`` examples; ``n_empty_answers`` counts answers
+    that are empty (the model's first token was a stop string, e.g. a newline): they count as wrong, and
+    have no answer tokens to measure at ``position="answer"``.
     """
     rows = []
     for dataset, frame in answers.groupby("dataset", sort=False):
@@ -212,6 +214,7 @@ def answer_summary(answers: pd.DataFrame, *, conventions: Sequence[str] = tuple(
             rows.append({"dataset": dataset, "convention": convention, "n": len(frame), "accuracy": acc,
                          "ci_low": low, "ci_high": high, "hallucination_rate": 1 - acc,
                          "n_hallucinated": sizes.n_hallucinated, "n_correct": sizes.n_correct,
+                         "n_empty_answers": int((frame["prediction"].str.strip() == "").sum()),
                          "usable": sizes.ok,
                          "ece_percent": expected_calibration_error(frame["confidence"].to_numpy(), correct)})
     return pd.DataFrame(rows)

@@ -18,8 +18,9 @@ units), ``sum``, ``m2`` (centred on the example's own mean), ``sum_abs``, ``n_to
 ``below_abs_<eps>`` counts (:math:`|a| < \varepsilon`) and ``below_rel_<tau>`` counts
 (:math:`|a| < \tau\,\sigma_{\mathrm{ref}}`). :math:`\sigma_{\mathrm{ref}}` is the element standard deviation
 (ddof 0) of that site and layer over the chosen entries of **all** items, whatever their label: it is only
-known after a first pass, so relative thresholds cost a second forward pass (skipped when ``rel_taus`` is
-empty). All sums are accumulated in float64 from the model's activations.
+known after a first pass, so the chosen entries' :math:`|a|` are kept from it (float32, up to ``cache_mb``)
+and counted afterwards; when they do not fit, a second forward pass recounts them (nothing of the kind is
+needed when ``rel_taus`` is empty). All sums are accumulated in float64 from the model's activations.
 
 For the linear probes the collector also keeps, for ``feature_site`` only (default ``block_output``), each
 item's mean activation over its chosen tokens as a float32 ``(n_items, hidden)`` array per layer.
@@ -27,6 +28,7 @@ item's mean activation over its chosen tokens as a float32 ``(n_items, hidden)``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,7 +128,7 @@ class _Accumulator:
     """Hook callback: per-example statistics of the chosen tokens of one batch, for every site and layer."""
 
     def __init__(self, abs_thresholds: Sequence[float], rel_taus: Sequence[float], feature_site: str | None,
-                 sigma_ref: dict[tuple[str, int], float] | None) -> None:
+                 sigma_ref: dict[tuple[str, int], float] | None, cache_bytes: int = 0) -> None:
         self.abs_thresholds = tuple(abs_thresholds)
         self.rel_taus = tuple(rel_taus)
         self.feature_site = feature_site
@@ -134,6 +136,12 @@ class _Accumulator:
         self.chosen: Tensor | None = None
         self.rows: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
         self.features: dict[int, list[np.ndarray]] = {}
+        # First pass only: |a| of the chosen entries (exact float32 copies) while they fit in cache_bytes,
+        # so that the relative-threshold counts need no second forward pass.
+        self.cache: dict[tuple[str, int], list[tuple[Tensor, Tensor, int]]] | None = (
+            {} if rel_taus and cache_bytes > 0 and sigma_ref is None else None)
+        self.cache_budget = cache_bytes
+        self.cache_used = 0
 
     def set_batch(self, chosen: Tensor) -> None:
         """Boolean (B, T) mask of the tokens that count in the next forward pass."""
@@ -164,11 +172,30 @@ class _Accumulator:
                 row[abs_count_column(eps)] = per_example((a < eps).sum(dim=1).double())
             if site == self.feature_site:
                 self.features.setdefault(layer, []).append(token_mean.float().numpy())
+            if self.cache is not None:
+                self.cache_used += xs.numel() * 4 + b_idx.numel() * 8
+                if self.cache_used > self.cache_budget:
+                    self.cache = None  # too large: fall back to a second pass
+                else:
+                    self.cache.setdefault((site, layer), []).append((a.float(), b_idx.clone(), n_batch))
         else:
             a = xs.abs()
             sigma = self.sigma_ref[(site, layer)]
             row = {rel_count_column(tau): per_example((a < tau * sigma).sum(dim=1).double()) for tau in self.rel_taus}
         self.rows.setdefault((site, layer), []).append({k: v.numpy() for k, v in row.items()})
+
+    def cached_rel_counts(self, sigma_ref: dict[tuple[str, int], float]) -> dict[tuple[str, int], list[dict[str, np.ndarray]]]:
+        """Relative-threshold counts from the cached |a| (same batches and order as the first pass)."""
+        assert self.cache is not None
+        rows: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+        for key, chunks in self.cache.items():
+            for a, b_idx, n_batch in chunks:
+                a64 = a.double()  # compare in float64, exactly as the second pass does
+                rows.setdefault(key, []).append({
+                    rel_count_column(tau): torch.zeros(n_batch, dtype=torch.float64).index_add_(
+                        0, b_idx, (a64 < tau * sigma_ref[key]).sum(dim=1).double()).numpy()
+                    for tau in self.rel_taus})
+        return rows
 
     def frame(self, example_ids: list[str]) -> pd.DataFrame:
         """The collected rows, one per (example_id, site, layer)."""
@@ -201,13 +228,15 @@ def _run_pass(model: nn.Module, encoded: list[_Encoded], acc: _Accumulator, site
               pad_id: int, progress: bool, desc: str) -> list[int]:
     """One forward pass over every item; returns the item order the accumulator saw."""
     device = next(model.parameters()).device
+    # Only hidden states are needed: skip most of the LM head where the model allows it.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     seen: list[int] = []
     n_batches = -(-len(encoded) // batch_size)
     with site_hooks(model, sites, acc), torch.inference_mode():
         for idx, input_ids, attention, chosen in tqdm(_batches(encoded, batch_size, pad_id), total=n_batches,
                                                       desc=desc, disable=not progress):
             acc.set_batch(chosen)
-            model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False, **extra)
             seen.extend(idx)
     return seen
 
@@ -236,11 +265,14 @@ def collect_example_stats(
     batch_size: int = 8,
     max_length: int | None = None,
     add_bos: bool | None = None,
+    cache_mb: float = 256.0,
     progress: bool = False,
 ) -> ExampleStats:
     """Per-example sufficient statistics (and probe features) over the tokens chosen by ``position``.
 
-    See the module docstring for what is measured. Raises :class:`ConfigError` for an unknown position or
+    See the module docstring for what is measured. ``cache_mb`` bounds the memory used to keep the chosen
+    entries' |a| (float32) from the first pass; when they fit, the relative-threshold counts are read from
+    that cache (identical results) and the second forward pass is skipped. Raises :class:`ConfigError` for an unknown position or
     site, and :class:`DataError` when no item has a chosen token or ids repeat.
     """
     unknown = [s for s in sites if s not in SITES]
@@ -262,14 +294,20 @@ def collect_example_stats(
     model.eval()
     pad = _pad_id(tokenizer)
     try:
-        first = _Accumulator(abs_thresholds, rel_taus, feature_site, None)
+        first = _Accumulator(abs_thresholds, rel_taus, feature_site, None, int(cache_mb * 2**20))
         order = _run_pass(model, encoded, first, sites, batch_size, pad, progress, "example statistics")
         ordered_ids = [encoded[i].example_id for i in order]
         table = first.frame(ordered_ids)
         sigma = _sigma_ref(table)
+        passes = 1
         if rel_taus:
             second = _Accumulator(abs_thresholds, rel_taus, feature_site, sigma.to_dict())
-            _run_pass(model, encoded, second, sites, batch_size, pad, progress, "relative-threshold counts")
+            if first.cache is not None:
+                second.rows = first.cached_rel_counts(sigma.to_dict())
+                first.cache = None
+            else:
+                _run_pass(model, encoded, second, sites, batch_size, pad, progress, "relative-threshold counts")
+                passes = 2
             rel = second.frame(ordered_ids)
             table = table.merge(rel, on=["example_id", "site", "layer"], validate="one_to_one")
     finally:
@@ -285,4 +323,5 @@ def collect_example_stats(
                         position=position, settings={"position": position, "sites": list(sites),
                                                      "abs_thresholds": list(abs_thresholds),
                                                      "rel_taus": list(rel_taus), "feature_site": feature_site,
-                                                     "max_length": max_length, "add_bos": add_bos})
+                                                     "max_length": max_length, "add_bos": add_bos,
+                                                     "forward_passes": passes})

@@ -39,6 +39,7 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 NOTEBOOKS: dict[str, tuple[str, ...]] = {
     "01_activations": (),
     "02_avss_ranking": ("01_activations",),
+    "04_hallucination_layers": ("01_activations", "02_avss_ranking"),
 }
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 
