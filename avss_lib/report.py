@@ -35,7 +35,7 @@ def faithful_avss_summary(stats: pd.DataFrame, scores: pd.DataFrame, eps: float 
     ]
     if n_inf:
         text.append(
-            f"For those layers $\\mathrm{{AVSS}} = \\sigma^2 / 0 = \\infty$: the normalised scores and the "
+            "For those layers $\\mathrm{AVSS} = \\sigma^2 / 0 = \\infty$: the normalised scores and the "
             "cumulative-mass selection are undefined, and any order among the infinite layers is arbitrary."
         )
     counted = below[below > 0]
