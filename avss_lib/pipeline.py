@@ -40,6 +40,7 @@ NOTEBOOKS: dict[str, tuple[str, ...]] = {
     "01_activations": (),
     "02_avss_ranking": ("01_activations",),
     "04_hallucination_layers": ("01_activations", "02_avss_ranking"),
+    "05_mitigation": ("01_activations", "02_avss_ranking", "04_hallucination_layers"),
 }
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 
