@@ -223,7 +223,7 @@ def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[st
     for item in BOOK_SOURCES:
         src = REPO_ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / item)
-    shutil.copytree(run_path / "executed", stage / "executed", ignore=shutil.ignore_patterns("*.failed.ipynb"))
+    shutil.copytree(run_path / "executed", stage / "executed", ignore=shutil.ignore_patterns("*.failed.ipynb", ".*"))
     (stage / "book" / "reproducibility.md").write_text(appendix_markdown(run_path))
     (stage / "claims.md").write_text(claims_markdown(run_path))
     toc = yaml.safe_load((stage / "_toc.yml").read_text())

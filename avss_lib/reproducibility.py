@@ -66,7 +66,8 @@ def notebook_runs(run_dir: Path) -> pd.DataFrame:
     for done in sorted(run_dir.glob("*/_done.json")):
         d = json.loads(done.read_text())
         rows.append({"notebook": done.parent.name, "wall time (s)": round(d["seconds"], 1),
-                     "peak RSS (MiB)": round(d.get("peak_rss_mib", float("nan"))), "finished": d["finished"]})
+                     "peak RSS (MiB)": round(d["peak_rss_mib"]) if "peak_rss_mib" in d else "not recorded",
+                     "finished": d["finished"]})
     return pd.DataFrame(rows)
 
 

@@ -42,3 +42,8 @@ def test_appendix_lists_runs_files_and_parameters(tmp_path):
     for needle in ("`abc`", "| seed ", "`42`", "1500", "torch", "## Machine"):
         assert needle in text, needle
     json.dumps(text)
+
+
+def test_appendix_tolerates_runs_without_memory_record(tmp_path):
+    write_json({"fingerprint": "x", "parameters": {}, "seconds": 1.0, "finished": "t"}, tmp_path / "02_x" / "_done.json")
+    assert notebook_runs(tmp_path).loc[0, "peak RSS (MiB)"] == "not recorded"
