@@ -39,6 +39,7 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 NOTEBOOKS: dict[str, tuple[str, ...]] = {
     "01_activations": (),
     "02_avss_ranking": ("01_activations",),
+    "03_pruning": ("01_activations", "02_avss_ranking"),
     "04_hallucination_layers": ("01_activations", "02_avss_ranking"),
     "05_mitigation": ("01_activations", "02_avss_ranking", "04_hallucination_layers"),
 }
