@@ -406,11 +406,12 @@ def _ece_ci(confidence: Sequence[float], correct: Sequence[bool], seed: int) -> 
 
 
 def _settings(model: nn.Module, benchmark: Benchmark, **options: Any) -> dict[str, Any]:
-    """What an artifact must record: model, benchmark provenance, and the options (effective max_length)."""
+    """What an artifact must record: model, dtype, benchmark provenance, and the options (effective max_length)."""
     if options.get("max_length", 0) is None:
         options["max_length"] = model_max_length(model)
     return {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "benchmark": benchmark.provenance, **options}
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "benchmark": benchmark.provenance,
+            **options}
 
 
 # ------------------------------------------------------------------------------------ multiple choice

@@ -51,6 +51,7 @@ tasks the alias-containment label is kept as a second convention.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -75,6 +76,7 @@ from .evaluation import PROMPTS, evaluate_task
 from .io import read_json, read_table, write_json, write_table
 from .layers import find_layers
 from .metrics import bootstrap_ci, bootstrap_statistic_ci, expected_calibration_error
+from .models import DTYPES
 from .splits import split_by_question
 from .training import TrainConfig, count_trainable, train
 
@@ -121,6 +123,7 @@ class MitigationSettings:
     label_convention: str = "exact_match"  # which of notebook 04's labels defines "correct"
     ppl_chars: int | None = 20_000  # characters of the WikiText-2 test split scored for perplexity (0 skips, None: all)
     ppl_max_length: int = 512
+    eval_dtype: str | None = None  # evaluate a copy in this dtype (e.g. "bfloat16"); None: the training dtype
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`ConfigError` naming the fix for any value the study cannot use."""
@@ -139,6 +142,8 @@ class MitigationSettings:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ConfigError(f"unknown arm(s) {unknown} in arms={list(self.arms)}: choose from {', '.join(ARMS)}")
+        if self.eval_dtype is not None and self.eval_dtype not in DTYPES:
+            raise ConfigError(f"eval_dtype={self.eval_dtype!r} is not a dtype: use one of {', '.join(DTYPES)} or None")
         if self.ppl_chars is not None and self.ppl_chars < 0:
             raise ConfigError(f"ppl_chars={self.ppl_chars} must be >= 0 (0 skips the perplexity cost)")
         self.train_config((0,), 0, self.lambda_con).validate(n_layers)
@@ -154,7 +159,7 @@ class MitigationSettings:
     def eval_key(self) -> dict[str, Any]:
         return {"eval_batch_size": self.eval_batch_size, "sciq_with_support": self.sciq_with_support,
                 "wikiqa_scoring": self.wikiqa_scoring, "label_convention": self.label_convention,
-                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length}
+                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length, "eval_dtype": self.eval_dtype}
 
 
 # ------------------------------------------------------------------------------------------ upstream
@@ -450,7 +455,13 @@ def runs_table(runs: Sequence[ArmRun], model: nn.Module) -> pd.DataFrame:
 def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_sets: Mapping[str, Benchmark],
                    ppl: Benchmark | None, settings: MitigationSettings, seed: int = 0
                    ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per-example results on every held-out set and the WikiText-2 perplexity (``None`` when skipped)."""
+    """Per-example results on every held-out set and the WikiText-2 perplexity (``None`` when skipped).
+
+    With ``settings.eval_dtype`` set, a copy of ``model`` cast to that dtype is evaluated (the trained weights
+    rounded once, the same for every arm); ``model`` itself is left as it is.
+    """
+    if settings.eval_dtype is not None and next(model.parameters()).dtype != DTYPES[settings.eval_dtype]:
+        model = copy.deepcopy(model).to(DTYPES[settings.eval_dtype])
     frames = []
     for name, bench in eval_sets.items():
         answered = answer_benchmark(model, tokenizer, bench, label_convention=settings.label_convention,

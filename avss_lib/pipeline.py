@@ -42,6 +42,12 @@ NOTEBOOKS: dict[str, tuple[str, ...]] = {
     "03_pruning": ("01_activations", "02_avss_ranking"),
     "04_hallucination_layers": ("01_activations", "02_avss_ranking"),
     "05_mitigation": ("01_activations", "02_avss_ranking", "04_hallucination_layers"),
+    "06_performance": ("01_activations",),
+}
+#: Notebooks that also read the artifacts of these ones *when the run has them* (the performance appendix
+#: tabulates the wall time of every notebook that ran before it).
+OPTIONAL_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "06_performance": ("02_avss_ranking", "03_pruning", "04_hallucination_layers", "05_mitigation"),
 }
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 
@@ -64,8 +70,13 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def load_profile(profile: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a bundled profile by name, or a YAML file by path; validate its shape."""
+def load_profile(profile: str | os.PathLike[str], _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a bundled profile by name, or a YAML file by path; validate its shape.
+
+    A profile may name another in ``extends``: it then starts from that profile's ``common`` values and
+    notebooks, and its own values replace the inherited ones key by key (a notebook listed as ``null`` is
+    dropped from the inherited set).
+    """
     path = Path(profile)
     if not path.suffix:
         path = PROFILE_DIR / f"{profile}.yaml"
@@ -74,12 +85,24 @@ def load_profile(profile: str | os.PathLike[str]) -> dict[str, Any]:
     elif not path.is_file():
         raise ConfigError(f"parameters file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or set(data) - {"common", "notebooks"}:
-        raise ConfigError(f"{path}: a profile has only the keys 'common' and 'notebooks'")
-    unknown = set(data.get("notebooks") or {}) - set(NOTEBOOKS)
+    if not isinstance(data, dict) or set(data) - {"common", "notebooks", "extends"}:
+        raise ConfigError(f"{path}: a profile has only the keys 'extends', 'common' and 'notebooks'")
+    notebooks = data.get("notebooks") or {}
+    unknown = set(notebooks) - set(NOTEBOOKS)
     if unknown:
         raise ConfigError(f"{path}: unknown notebook(s) {sorted(unknown)}: choose from {', '.join(NOTEBOOKS)}")
-    return {"common": data.get("common") or {}, "notebooks": data.get("notebooks") or {}}
+    if "extends" not in data:
+        return {"common": data.get("common") or {}, "notebooks": {k: v or {} for k, v in notebooks.items()}}
+    if str(data["extends"]) in _seen:
+        raise ConfigError(f"{path}: profiles extend each other in a cycle: {' -> '.join([*_seen, str(data['extends'])])}")
+    base = load_profile(data["extends"], (*_seen, str(data["extends"])))
+    merged = {"common": {**base["common"], **(data.get("common") or {})}, "notebooks": dict(base["notebooks"])}
+    for name, values in notebooks.items():
+        if values is None:
+            merged["notebooks"].pop(name, None)
+        else:
+            merged["notebooks"][name] = {**merged["notebooks"].get(name, {}), **values}
+    return merged
 
 
 @dataclass(frozen=True)
@@ -130,14 +153,53 @@ def notebook_parameters(profile: dict[str, Any], notebook: str, run_dir: Path) -
     return params
 
 
+def _imported_modules(tree: ast.AST, package: str = "avss_lib", current: str | None = None) -> set[str]:
+    """Names of the ``package`` modules a parsed source imports (``current``: its own module, for relative imports)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith(f"{package}.")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level == 1 and current is not None:  # relative import inside the package
+                base = f"{package}.{base}" if base else package
+            if base == package:
+                names |= {a.name for a in node.names}
+            elif base.startswith(f"{package}."):
+                names.add(base.split(".")[1])
+    return names
+
+
+def library_modules(notebook: str) -> list[Path]:
+    """The ``avss_lib`` source files a notebook depends on: those its cells import, and theirs, transitively."""
+    cells = json.loads((NOTEBOOK_DIR / f"{notebook}.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    lines = [line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    todo = _imported_modules(ast.parse("\n".join(lines)))
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        path = REPO_ROOT / "avss_lib" / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        todo |= _imported_modules(ast.parse(path.read_text()), current=name) - seen
+    return [REPO_ROOT / "avss_lib" / f"{name}.py" for name in sorted(seen)]
+
+
 def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
+    """Hash of the parameters, the notebook, the library modules it uses and its upstream notebooks' fingerprints."""
     h = hashlib.sha256()
     h.update(json.dumps(params, sort_keys=True).encode())
     h.update((NOTEBOOK_DIR / f"{notebook}.ipynb").read_bytes())
-    for module in sorted((REPO_ROOT / "avss_lib").glob("*.py")):
-        h.update(module.read_bytes())
+    for module in library_modules(notebook):
+        h.update(module.name.encode() + module.read_bytes())
     for upstream in NOTEBOOKS[notebook]:
         h.update(read_json(run_dir / upstream / "_done.json")["fingerprint"].encode())
+    for upstream in OPTIONAL_UPSTREAM.get(notebook, ()):
+        done = run_dir / upstream / "_done.json"
+        if done.is_file():
+            h.update(upstream.encode() + read_json(done)["fingerprint"].encode())
     return h.hexdigest()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -203,6 +204,20 @@ def speed_summary(speed: Mapping[str, Any]) -> str:
         f"×{speed['estimated_speedup_params']:.2f} when the LM head, which pruning does not shrink, is counted by its "
         "parameters."
     )
+
+
+def precision_summary(precision: pd.DataFrame | None, dtype: str) -> str:
+    """One paragraph on what evaluating in ``dtype`` instead of float32 changes on the unpruned model."""
+    if precision is None or precision.empty:
+        return f"All evaluations ran in {dtype}; no reduced-precision check was needed."
+    parts = []
+    for row in precision.itertuples():
+        same = "" if math.isnan(row.same_per_example) else f", the same per-example outcome on {_pct(row.same_per_example)} of {row.n} examples"
+        parts.append(f"{row.task_key} {row.metric} {_fmt(row.value, row.metric)} in {dtype} against "
+                     f"{_fmt(row.value_float32, row.metric)} in float32 (difference {row.difference:+.4g}{same})")
+    return (f"The pruning evaluations ran in {dtype} (the `dtype` parameter, chosen for speed on CPUs with bfloat16 "
+            "matrix units). To show what that costs, the unpruned model was also evaluated in float32 on the curve tasks: "
+            + "; ".join(parts) + ". Retention compares pruned and unpruned models evaluated in the same dtype.")
 
 
 def a1_verdict(retention: pd.DataFrame, comparison: pd.DataFrame, *, ratio: float, k: int, n_layers: int,

@@ -26,11 +26,14 @@ are in log-perplexity (positive = better), so "higher is better" holds for every
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import pickle
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +48,7 @@ from .benchmarks import Benchmark, load_benchmark
 from .calibration import load_calibration_texts, make_batches
 from .errors import ConfigError, DataError
 from .evaluation import PROMPTS, TASKS, TaskResult, evaluate_task
+from .io import atomic_path
 from .layers import find_layers
 from .pruning import layers_for_ratio, remove_layers
 
@@ -349,13 +353,15 @@ def primary_values(result: TaskResult) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[int]],
                   needs: Mapping[str, Sequence[str]], tasks: Mapping[str, tuple[TaskSpec, Benchmark]], *,
-                  batch_size: int = 8, seed: int = 0, share_prefix: bool = True,
+                  batch_size: int = 8, seed: int = 0, share_prefix: bool = True, checkpoint_dir: Path | None = None,
                   log: Any = None) -> Evaluations:
     """Evaluate each set (``set_id -> layers``; ``[]`` = unpruned) on the task keys ``needs[set_id]``.
 
     Each set is removed once (a deep copy) and freed after its tasks. ``tasks``: ``task_key -> (spec,
-    benchmark)``. ``share_prefix`` runs TruthfulQA-MC on a :class:`SharedPrefixLM`. ``log``: a callable
-    given one progress line per set.
+    benchmark)``. ``share_prefix`` runs TruthfulQA-MC on a :class:`SharedPrefixLM`. With ``checkpoint_dir`` each
+    finished set is saved there (atomically, under a key of everything that determines its results) and a
+    re-run after an interruption loads it instead of recomputing; an unreadable checkpoint is recomputed.
+    ``log``: a callable given one progress line per set.
     """
     out = Evaluations()
     prefix = truthfulqa_prefix_ids(tokenizer) if share_prefix else None
@@ -363,19 +369,86 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Ma
         keys = list(dict.fromkeys(needs.get(sid, ())))
         if not keys:
             continue
+        checkpoint = (checkpoint_dir / f"{sid}-{_set_key(model, layers, keys, tasks, batch_size, seed, share_prefix)}.pkl"
+                      if checkpoint_dir is not None else None)
+        saved = _load_checkpoint(checkpoint, log)
+        if saved is not None:
+            results, out.seconds[sid] = saved
+            out.results.update({(sid, key): results[key] for key in keys})
+            if log:
+                log(f"{sid}: {len(keys)} task(s) loaded from {checkpoint.name}")
+            continue
         start = time.perf_counter()
         pruned = remove_layers(model, layers) if layers else model
+        results = {}
         for key in keys:
             spec, bench = tasks[key]
             target = SharedPrefixLM(pruned, prefix) if prefix and spec.name == "truthfulqa_mc" else pruned
             opts = dict(spec.options)
             bs = opts.pop("batch_size", batch_size)
-            out.results[(sid, key)] = evaluate_task(target, tokenizer, bench, batch_size=bs, seed=seed, **opts)
+            results[key] = evaluate_task(target, tokenizer, bench, batch_size=bs, seed=seed, **opts)
         del pruned
         out.seconds[sid] = time.perf_counter() - start
+        out.results.update({(sid, key): results[key] for key in keys})
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                tmp.write_bytes(pickle.dumps((results, out.seconds[sid])))
         if log:
             log(f"{sid}: {len(keys)} task(s) in {out.seconds[sid]:.0f} s")
     return out
+
+
+def _set_key(model: nn.Module, layers: Sequence[int], keys: Sequence[str],
+             tasks: Mapping[str, tuple[TaskSpec, Benchmark]], batch_size: int, seed: int, share_prefix: bool) -> str:
+    """A short hash of everything that determines one set's results (model, dtype, layers, tasks, data, options)."""
+    first = next(model.parameters())
+    parts = [getattr(model.config, "_name_or_path", ""), str(model.config.num_hidden_layers), str(first.dtype),
+             str(list(layers)), str(batch_size), str(seed), str(share_prefix)]
+    for key in keys:
+        spec, bench = tasks[key]
+        parts += [repr(spec), json.dumps(bench.provenance, sort_keys=True, default=str)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path | None, log: Any) -> tuple[dict[str, TaskResult], float] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return pickle.loads(path.read_bytes())
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        # a truncated or foreign file: recompute rather than fail
+        if log:
+            log(f"ignoring unreadable checkpoint {path} ({exc}); recomputing")
+        return None
+
+
+def precision_check(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, evaluations: Evaluations,
+                    tasks: Mapping[str, tuple[TaskSpec, Benchmark]], *, batch_size: int = 8,
+                    seed: int = 0) -> pd.DataFrame:
+    """The unpruned model in ``reference``'s dtype (float32) against the run's unpruned results on ``tasks``.
+
+    Returns one row per task: the primary metric in the run's dtype and in the reference dtype, their
+    difference, and the share of examples whose per-example primary value is the same in both (NaN for a
+    single-example task such as perplexity). It tells how much of a retention number could be an artefact of
+    evaluating in reduced precision.
+    """
+    missing = [key for key in tasks if (BASE_SET, key) not in evaluations.results]
+    if missing:
+        raise ConfigError(f"the run has no unpruned results for {missing}: evaluate set {BASE_SET!r} on them first")
+    ref = evaluate_sets(reference, tokenizer, {BASE_SET: []}, {BASE_SET: list(tasks)}, tasks,
+                        batch_size=batch_size, seed=seed)
+    rows = []
+    for key in tasks:
+        run, fp = evaluations.results[(BASE_SET, key)], ref.results[(BASE_SET, key)]
+        metric = PRIMARY_METRIC[run.task]
+        (num_a, den_a), (num_b, den_b) = primary_values(run), primary_values(fp)
+        same = (float(np.mean(np.isclose(num_a / den_a, num_b / den_b, rtol=1e-6, atol=1e-9)))
+                if len(num_a) > 1 else float("nan"))
+        rows.append({"task_key": key, "metric": metric, "dtype": run.settings.get("dtype"),
+                     "value": run.summary[metric][0], "value_float32": fp.summary[metric][0],
+                     "difference": run.summary[metric][0] - fp.summary[metric][0], "same_per_example": same,
+                     "n": len(num_a)})
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------ statistics

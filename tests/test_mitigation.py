@@ -447,3 +447,21 @@ def test_central_alias_prefers_the_canonical_name() -> None:
                               "Eugène Henri Paul Gauguin")) == "Paul Gauguin"
     assert mit.central_alias(("Paris",)) == "Paris"
     assert mit.central_alias(("a b", "c d")) == "a b"  # no overlap: the first
+
+
+def test_eval_dtype_evaluates_a_cast_copy(tmp_path: Path, monkeypatch) -> None:
+    examples, sets, ppl, _, _ = _pipeline(tmp_path, arms=("base",))
+    model = tiny_model("llama", N_LAYERS)
+    before = _weights_hash(model)
+    seen = []
+    real = mit.answer_benchmark
+    monkeypatch.setattr(mit, "answer_benchmark",
+                        lambda m, *a, **k: seen.append(next(m.parameters()).dtype) or real(m, *a, **k))
+    per_example, perplexity = mit.evaluate_model(model, TOK, sets, ppl, _settings(eval_dtype="bfloat16"))
+    assert set(seen) == {torch.bfloat16} and len(per_example) == sum(len(b.examples) for b in sets.values())
+    assert next(model.parameters()).dtype == torch.float32 and _weights_hash(model) == before  # untouched
+    seen.clear()
+    mit.evaluate_model(model, TOK, sets, None, _settings())
+    assert set(seen) == {torch.float32}
+    with pytest.raises(ConfigError, match="eval_dtype"):
+        _settings(eval_dtype="float8").validate(N_LAYERS)

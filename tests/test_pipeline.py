@@ -54,6 +54,68 @@ def test_ranking_artifacts(smoke_run):
     assert (fixed["n_pruned"] == 8).all()  # round(0.25 * 30) = 8 (7.5 rounds half up)
 
 
+def _verdicts(run_dir: Path, notebook: str, claim: str) -> list[dict]:
+    rows = json.loads((run_dir / notebook / "verdict.json").read_text())
+    assert rows and {r["claim"] for r in rows} == {claim}
+    assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") and r["ours"] for r in rows)
+    return rows
+
+
+@pytest.mark.slow
+@needs_data
+def test_pruning_artifacts(smoke_run):
+    out = smoke_run / "03_pruning"
+    retention = pd.read_csv(out / "retention.csv")
+    tasks = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "truthfulqa_gen", "wikiqa", "sst2", "wikitext2"}
+    assert set(retention["task_key"]) == tasks
+    methods = set(retention["method"])
+    assert {"unpruned", "avss:authors_code", "random", "last_k", "block_influence", "angular_distance",
+            "delta_ppl"} <= methods
+    base = retention[retention["method"] == "unpruned"]
+    assert (base["retention"] == 100).all() and (base["low"] <= base["value"]).all()
+    assert (base["value"] <= base["high"]).all()
+    plan = pd.read_csv(out / "pruned_sets.csv")
+    assert (plan[plan["ratio"] == 0.25]["k"] == 8).all()
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert {"random", "last_k"} <= set(comparison["baseline"]) and (comparison["low"] <= comparison["high"]).all()
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["n_removed"] == 8 and speed["seconds_pruned"] > 0
+    precision = pd.read_csv(out / "precision.csv")  # the smoke profile evaluates in bfloat16
+    assert set(precision["dtype"]) == {"bfloat16"} and precision["value_float32"].notna().all()
+    assert len(list((out / "_sets").glob("*.pkl"))) == json.loads((out / "meta.json").read_text())["unique_sets"]
+    _verdicts(smoke_run, "03_pruning", "A1")
+
+
+@pytest.mark.slow
+@needs_data
+def test_hallucination_artifacts(smoke_run):
+    out = smoke_run / "04_hallucination_layers"
+    answers = pd.read_parquet(out / "answers.parquet")
+    datasets = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "wikiqa"}
+    assert set(answers["dataset"]) == datasets and answers["confidence"].between(0, 1).all()
+    assert {"correct_exact_match", "correct_alias_containment"} <= set(answers.columns)
+    scores = pd.read_parquet(out / "eavss_scores.parquet")
+    assert {"hsav", "hss", "eavss", "probe_auroc", "p_value"} <= set(scores.columns)
+    layers = json.loads((out / "eavss_layers.json").read_text())
+    assert len(layers["pooled"]) == layers["k"] or layers["excluded"]
+    _verdicts(smoke_run, "04_hallucination_layers", "E1")
+
+
+@pytest.mark.slow
+@needs_data
+def test_mitigation_artifacts(smoke_run):
+    out = smoke_run / "05_mitigation"
+    split = pd.read_parquet(out / "split.parquet")
+    assert set(split["split"]) == {"train", "eval"}
+    arms = pd.read_csv(out / "arms.csv")
+    assert {"base", "eavss", "random", "lowest_avss", "all", "lm_only"} == set(arms["arm"])
+    metrics = pd.read_csv(out / "arm_metrics.csv")
+    assert {"accuracy", "hallucination_rate", "ece"} <= set(metrics["metric"])
+    assert len(pd.read_csv(out / "comparisons.csv")) > 0
+    assert json.loads((out / "meta.json").read_text())["settings"]["eval_dtype"] == "bfloat16"
+    _verdicts(smoke_run, "05_mitigation", "E2")
+
+
 @pytest.mark.slow
 @needs_data
 def test_unchanged_notebooks_are_reused(smoke_run):
@@ -110,3 +172,31 @@ def test_every_notebook_is_registered_and_exists():
     assert sorted(NOTEBOOKS) == sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
     for notebook, upstream in NOTEBOOKS.items():
         assert all(list(NOTEBOOKS).index(u) < list(NOTEBOOKS).index(notebook) for u in upstream)
+
+
+def test_fingerprint_covers_exactly_the_modules_a_notebook_uses():
+    from avss_lib.pipeline import library_modules
+
+    used = {m.stem for m in library_modules("03_pruning")}
+    assert {"pruning_study", "pruning_report", "models"} <= used  # imported by the notebook
+    assert {"baselines", "evaluation", "metrics"} <= used  # imported by those modules, transitively
+    assert not used & {"mitigation", "hallucination", "training", "pipeline"}  # a change there does not re-run 03
+    assert "pruning_study" not in {m.stem for m in library_modules("01_activations")}
+
+
+def test_profiles_extend_others_key_by_key(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: smoke\ncommon: {seed: 7}\nnotebooks:\n  02_avss_ranking: {ratio: 0.5}\n"
+                     "  05_mitigation: null\n")
+    smoke, merged = load_profile("smoke"), load_profile(child)
+    assert merged["common"] == {**smoke["common"], "seed": 7}
+    assert merged["notebooks"]["02_avss_ranking"] == {**smoke["notebooks"]["02_avss_ranking"], "ratio": 0.5}
+    assert merged["notebooks"]["01_activations"] == smoke["notebooks"]["01_activations"]
+    assert "05_mitigation" not in merged["notebooks"]
+    full = load_profile("full")
+    assert full["common"]["device"] == "cuda" and full["notebooks"]["05_mitigation"]["seeds"] == [0, 1, 2]
+    assert full["notebooks"]["04_hallucination_layers"] == load_profile("default")["notebooks"]["04_hallucination_layers"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_profile(loop)

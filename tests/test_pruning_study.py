@@ -3,6 +3,7 @@ paired bootstrap comparisons and input validation, on tiny models and the fixtur
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -212,6 +213,47 @@ def test_evaluate_sets_removes_the_planned_layers(tok, llama):
     value = ev.results[(study.BASE_SET, "wikitext2")].summary["perplexity"][0]
     assert math.isclose(math.exp(ppl["num"].sum() / ppl["den"].sum()), value, rel_tol=1e-9)
     assert len(llama.model.layers) == N_LAYERS  # the original model is untouched
+
+
+def test_evaluate_sets_resumes_from_checkpoints(tok, llama, tmp_path, monkeypatch):
+    specs = study.task_specs({"sst2": 4})
+    tasks = {s.key: (s, study.load_task(s, tok, str(FIXTURES), 0)) for s in specs}
+    sets = {study.BASE_SET: [], "L1-4": [1, 4]}
+    needs = {sid: ["sst2"] for sid in sets}
+    first = study.evaluate_sets(llama, tok, sets, needs, tasks, batch_size=2, checkpoint_dir=tmp_path)
+    files = sorted(tmp_path.glob("*.pkl"))
+    assert [f.name.split("-")[0] for f in files] == ["L1", study.BASE_SET]
+    files[0].write_bytes(b"truncated")  # an interrupted or corrupt checkpoint is recomputed, not trusted
+    calls = []
+    real = study.evaluate_task
+    monkeypatch.setattr(study, "evaluate_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lines = []
+    again = study.evaluate_sets(llama, tok, sets, needs, tasks, batch_size=2, checkpoint_dir=tmp_path, log=lines.append)
+    assert len(calls) == 1 and any("unreadable" in line for line in lines)
+    for key in first.results:
+        assert first.results[key].summary == again.results[key].summary
+    study.evaluate_sets(llama, tok, sets, needs, tasks, batch_size=3, checkpoint_dir=tmp_path)
+    assert len(calls) == 3  # another batch size is another computation: nothing reused
+
+
+def test_precision_check_compares_with_float32(tok, llama):
+    specs = study.task_specs({"sst2": 4, "wikitext2": None})
+    tasks = {s.key: (s, study.load_task(s, tok, str(FIXTURES), 0)) for s in specs}
+    half = copy.deepcopy(llama).to(torch.bfloat16)
+    needs = {study.BASE_SET: list(tasks)}
+    ev = study.evaluate_sets(half, tok, {study.BASE_SET: []}, needs, tasks, batch_size=2)
+    table = study.precision_check(llama, tok, ev, tasks, batch_size=2).set_index("task_key")
+    assert set(table["dtype"]) == {"bfloat16"}
+    exact = study.evaluate_task(llama, tok, tasks["wikitext2"][1], batch_size=2).summary["perplexity"][0]
+    assert table.loc["wikitext2", "value_float32"] == pytest.approx(exact, rel=1e-6)
+    assert table.loc["wikitext2", "difference"] == pytest.approx(table.loc["wikitext2", "value"] - exact)
+    assert math.isnan(table.loc["wikitext2", "same_per_example"])
+    assert 0.0 <= table.loc["sst2", "same_per_example"] <= 1.0 and table.loc["sst2", "n"] == 4
+    same = study.precision_check(llama, tok, study.evaluate_sets(llama, tok, {study.BASE_SET: []}, needs, tasks,
+                                                                  batch_size=2), tasks, batch_size=2)
+    assert (same["difference"].abs() < 1e-9).all() and same["same_per_example"].dropna().eq(1.0).all()
+    with pytest.raises(ConfigError, match="no unpruned results"):
+        study.precision_check(llama, tok, study.Evaluations(), tasks)
 
 
 def test_measure_speedup_reports_theory(llama):
