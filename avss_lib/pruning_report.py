@@ -212,7 +212,8 @@ def precision_summary(precision: pd.DataFrame | None, dtype: str) -> str:
         return f"All evaluations ran in {dtype}; no reduced-precision check was needed."
     parts = []
     for row in precision.itertuples():
-        same = "" if math.isnan(row.same_per_example) else f", the same per-example outcome on {_pct(row.same_per_example)} of {row.n} examples"
+        same = ("" if math.isnan(row.same_per_example)
+                else f", the same outcome on {row.same_per_example:.0%} of the {row.n} examples")
         parts.append(f"{row.task_key} {row.metric} {_fmt(row.value, row.metric)} in {dtype} against "
                      f"{_fmt(row.value_float32, row.metric)} in float32 (difference {row.difference:+.4g}{same})")
     return (f"The pruning evaluations ran in {dtype} (the `dtype` parameter, chosen for speed on CPUs with bfloat16 "

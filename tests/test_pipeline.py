@@ -200,3 +200,27 @@ def test_profiles_extend_others_key_by_key(tmp_path):
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_profile(loop)
+
+
+@pytest.mark.slow
+@needs_data
+def test_changing_one_parameter_of_03_reruns_only_03_and_its_dependents(smoke_run, tmp_path):
+    from avss_lib import pipeline
+
+    run = tmp_path / "run"  # a copy of the run's records; parameters keep naming the original run folder
+    for done in smoke_run.glob("*/_done.json"):
+        (run / done.parent.name).mkdir(parents=True)
+        shutil.copy2(done, run / done.parent.name / "_done.json")
+    profile = load_profile("smoke")
+    profile["notebooks"]["03_pruning"]["speed_repeats"] += 1
+
+    def stale() -> set[str]:
+        return {nb for nb in profile["notebooks"]
+                if pipeline._fingerprint(nb, notebook_parameters(profile, nb, smoke_run), run)
+                != json.loads((run / nb / "_done.json").read_text())["fingerprint"]}
+
+    assert stale() == {"03_pruning"}
+    done03 = run / "03_pruning" / "_done.json"  # once 03 has re-run, its new fingerprint reaches 06 only
+    fresh = pipeline._fingerprint("03_pruning", notebook_parameters(profile, "03_pruning", smoke_run), run)
+    done03.write_text(json.dumps({**json.loads(done03.read_text()), "fingerprint": fresh}))
+    assert stale() == {"06_performance"}

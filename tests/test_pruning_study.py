@@ -252,6 +252,9 @@ def test_precision_check_compares_with_float32(tok, llama):
     same = study.precision_check(llama, tok, study.evaluate_sets(llama, tok, {study.BASE_SET: []}, needs, tasks,
                                                                   batch_size=2), tasks, batch_size=2)
     assert (same["difference"].abs() < 1e-9).all() and same["same_per_example"].dropna().eq(1.0).all()
+    text = pruning_report.precision_summary(same, "float32")
+    assert "sst2 acc" in text and "the same outcome on 100% of the 4 examples" in text
+    assert text.count("the same outcome") == 1  # not claimed for perplexity
     with pytest.raises(ConfigError, match="no unpruned results"):
         study.precision_check(llama, tok, study.Evaluations(), tasks)
 
