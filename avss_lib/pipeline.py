@@ -204,15 +204,27 @@ def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
 
 
 def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force: bool = False) -> NotebookRun:
-    """Execute one notebook with papermill unless an identical finished run exists."""
+    """Execute one notebook with papermill unless an identical finished run exists.
+
+    A notebook may leave checkpoints in its folder so that an interrupted run resumes (``_started.json``
+    holds the fingerprint of the run that wrote them). Before a run, the folder is emptied unless it was
+    started with the same fingerprint and ``force`` is not set: results of other parameters, code or inputs
+    are never resumed.
+    """
     out_dir = run_dir / notebook
     executed = run_dir / "executed" / f"{notebook}.ipynb"
     done_file = out_dir / "_done.json"
+    started_file = out_dir / "_started.json"
     fingerprint = _fingerprint(notebook, params, run_dir)
     if not force and done_file.is_file() and executed.is_file():
         if read_json(done_file).get("fingerprint") == fingerprint:
             return NotebookRun(notebook, "reused", 0.0)
+    resumable = not force and started_file.is_file() and read_json(started_file).get("fingerprint") == fingerprint
+    if out_dir.exists() and not resumable:
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    done_file.unlink(missing_ok=True)
+    write_json({"fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, started_file)
     start = time.perf_counter()
     with atomic_path(executed) as tmp, tempfile.NamedTemporaryFile("w", suffix=".yaml") as param_file:
         yaml.safe_dump(params, param_file)

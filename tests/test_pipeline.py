@@ -224,3 +224,40 @@ def test_changing_one_parameter_of_03_reruns_only_03_and_its_dependents(smoke_ru
     fresh = pipeline._fingerprint("03_pruning", notebook_parameters(profile, "03_pruning", smoke_run), run)
     done03.write_text(json.dumps({**json.loads(done03.read_text()), "fingerprint": fresh}))
     assert stale() == {"06_performance"}
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_only_the_same_run(tmp_path, monkeypatch):
+    """A folder left by an interrupted run with the same fingerprint is kept (to resume); any other is emptied."""
+    import nbformat
+
+    from avss_lib import pipeline
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('value = 1\nrun_dir = "x"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from pathlib import Path\n"
+                                          "(Path(run_dir) / '99_toy' / 'result.txt').write_text(str(value))")]
+    nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                        "language_info": {"name": "python"}})
+    nbformat.write(nb, notebooks / "99_toy.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", notebooks)
+    monkeypatch.setattr(pipeline, "NOTEBOOKS", {"99_toy": ()})
+    run = tmp_path / "run"
+    out = run / "99_toy"
+
+    def params(value: int) -> dict:
+        return {"value": value, "run_dir": str(run)}
+
+    assert pipeline.run_notebook("99_toy", params(1), run).status == "ran"
+    (out / "checkpoint.bin").write_text("of value 1")
+    assert pipeline.run_notebook("99_toy", params(1), run).status == "reused"
+    (out / "_done.json").unlink()  # as if the run had been interrupted: same fingerprint, so it resumes
+    assert pipeline.run_notebook("99_toy", params(1), run).status == "ran"
+    assert (out / "checkpoint.bin").is_file() and (out / "_done.json").is_file()
+    assert pipeline.run_notebook("99_toy", params(2), run).status == "ran"  # other parameters: start afresh
+    assert not (out / "checkpoint.bin").exists() and (out / "result.txt").read_text() == "2"
+    (out / "checkpoint.bin").write_text("of value 2")
+    pipeline.run_notebook("99_toy", params(2), run, force=True)
+    assert not (out / "checkpoint.bin").exists()
