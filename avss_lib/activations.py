@@ -120,7 +120,7 @@ class _SiteLayerStats:
             self.below_valid = np.zeros(len(self.spec.abs_thresholds))
             self.below_padded = np.zeros(len(self.spec.abs_thresholds))
             n_bins = int((HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS_PER_DECADE)
-            self.hist = torch.zeros(n_bins, dtype=torch.float64)
+            self.hist = torch.zeros(n_bins, dtype=torch.float64, device=x.device)
         counts = valid.sum(dim=1)
         has_tokens = counts > 0
         self.n_samples += int(has_tokens.sum())

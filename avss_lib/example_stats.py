@@ -149,7 +149,7 @@ class _Accumulator:
 
     def __call__(self, site: str, layer: int, x: Tensor, h_in: Tensor | None) -> None:
         assert self.chosen is not None
-        mask = self.chosen
+        mask = self.chosen.to(x.device)
         x = x.detach().reshape(*mask.shape, -1)  # OPT flattens (B*T, d) inside its MLP
         b_idx, t_idx = mask.nonzero(as_tuple=True)
         xs = x[b_idx, t_idx].double()  # (tokens, d), exact copies of the float activations
@@ -157,7 +157,8 @@ class _Accumulator:
         counts = mask.sum(dim=1).double()  # tokens per example (>= 1 by construction)
 
         def per_example(values: Tensor) -> Tensor:  # sum token-level values into their examples
-            return torch.zeros(n_batch, *values.shape[1:], dtype=values.dtype).index_add_(0, b_idx, values)
+            return torch.zeros(n_batch, *values.shape[1:], dtype=values.dtype, device=values.device).index_add_(
+                0, b_idx, values)
 
         if self.sigma_ref is None:
             token_mean = per_example(xs) / counts[:, None]  # (B, d)
@@ -171,18 +172,18 @@ class _Accumulator:
             for eps in self.abs_thresholds:
                 row[abs_count_column(eps)] = per_example((a < eps).sum(dim=1).double())
             if site == self.feature_site:
-                self.features.setdefault(layer, []).append(token_mean.float().numpy())
+                self.features.setdefault(layer, []).append(token_mean.float().cpu().numpy())
             if self.cache is not None:
                 self.cache_used += xs.numel() * 4 + b_idx.numel() * 8
                 if self.cache_used > self.cache_budget:
                     self.cache = None  # too large: fall back to a second pass
                 else:
-                    self.cache.setdefault((site, layer), []).append((a.float(), b_idx.clone(), n_batch))
+                    self.cache.setdefault((site, layer), []).append((a.float().cpu(), b_idx.cpu(), n_batch))
         else:
             a = xs.abs()
             sigma = self.sigma_ref[(site, layer)]
             row = {rel_count_column(tau): per_example((a < tau * sigma).sum(dim=1).double()) for tau in self.rel_taus}
-        self.rows.setdefault((site, layer), []).append({k: v.numpy() for k, v in row.items()})
+        self.rows.setdefault((site, layer), []).append({k: v.cpu().numpy() for k, v in row.items()})
 
     def cached_rel_counts(self, sigma_ref: dict[tuple[str, int], float]) -> dict[tuple[str, int], list[dict[str, np.ndarray]]]:
         """Relative-threshold counts from the cached |a| (same batches and order as the first pass)."""

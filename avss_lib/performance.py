@@ -191,6 +191,7 @@ def plain_forward(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> 
     with torch.inference_mode():
         for b in batches:
             model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+    models.synchronize(model)
 
 
 def naive_hidden_state_stats(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *,

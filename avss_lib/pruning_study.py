@@ -50,6 +50,7 @@ from .errors import ConfigError, DataError
 from .evaluation import PROMPTS, TASKS, TaskResult, evaluate_task
 from .io import atomic_path
 from .layers import find_layers
+from .models import synchronize
 from .pruning import layers_for_ratio, remove_layers
 
 #: The metric each task is judged on (every other metric is still reported).
@@ -716,6 +717,7 @@ def measure_speedup(model: nn.Module, layers: Sequence[int], batch: Mapping[str,
             for name, m in (("unpruned", model), ("pruned", pruned)):
                 start = time.perf_counter()
                 m(**inputs, use_cache=False)
+                synchronize(m)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
     layer_params = sum(p.numel() for p in find_layers(model).layers.parameters())

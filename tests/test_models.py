@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from avss_lib.errors import ModelSpecError
-from avss_lib.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec
+from avss_lib.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec, synchronize
 
 
 def test_unknown_spec_names_the_accepted_forms():
@@ -56,3 +58,13 @@ def test_bundled_gguf_is_converted_once_and_cached(tmp_path):
     model, tok = load_model("smollm2-135m-instruct", cache_dir=tmp_path)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert "smollm2-135m-instruct" in BUNDLED
+
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", []), ("cuda:0", [torch.device("cuda:0")])])
+def test_synchronize_waits_only_for_a_gpu(monkeypatch: pytest.MonkeyPatch, device: str, expected: list) -> None:
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    on_device = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+    synchronize(on_device)  # a stand-in whose parameters report the device: no GPU is needed to check the dispatch
+    assert calls == expected
