@@ -195,7 +195,9 @@ def test_profiles_extend_others_key_by_key(tmp_path):
     assert "05_mitigation" not in merged["notebooks"]
     full = load_profile("full")
     assert full["common"]["device"] == "cuda" and full["notebooks"]["05_mitigation"]["seeds"] == [0, 1, 2]
-    assert full["notebooks"]["04_hallucination_layers"] == load_profile("default")["notebooks"]["04_hallucination_layers"]
+    default = load_profile("default")["notebooks"]
+    assert full["notebooks"]["01_activations"] == default["01_activations"]  # not listed in full.yaml: inherited
+    assert full["notebooks"]["04_hallucination_layers"] == {**default["04_hallucination_layers"], "batch_size": 64}
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="cycle"):
