@@ -151,14 +151,14 @@ def test_speed_layers():
 def test_check_token_multiples():
     assert performance.check_token_multiples([10, 1, 4]) == [1, 4, 10]
     assert performance.check_token_multiples((np.int64(2),)) == [2]
-    for bad in ([0], [1, -2], [1.5], [True], [], "14", [2, 2], None):
+    for bad in ([0], [1, -2], [1.5], [True], [], "14", [2, 2], None, [[1]]):
         with pytest.raises(ConfigError):
             performance.check_token_multiples(bad)
 
 
 def test_check_ratios_and_positive_int():
     assert performance.check_ratios([0.5, 0.125]) == [0.125, 0.5]
-    for bad in ([], [0.25, 0.25], [0], [1], "0.5", [None]):
+    for bad in ([], [0.25, 0.25], [0], [1], "0.5", [None], [[0.5]]):
         with pytest.raises(ConfigError):
             performance.check_ratios(bad)
     assert performance.check_positive_int("repeats", 3) == 3
