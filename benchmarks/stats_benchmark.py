@@ -1,6 +1,6 @@
 """Benchmark of the activation-statistics pass, model loading and pruning speed (it reports numbers, asserts nothing).
 
-A command-line wrapper over :mod:`avss_lib.performance` (the same measurements as the performance appendix,
+A command-line wrapper over :mod:`avss_lib.performance.measurements` (the same measurements as the performance appendix,
 notebook ``06_performance``), with the parameters of a pipeline profile (default: the published book's):
 
 1. the time of the streamed statistics pass relative to a plain inference-mode forward over the same batches
@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from avss_lib import io, performance
-from avss_lib.pipeline import (
+from avss_lib.core import io
+from avss_lib.performance import measurements as performance
+from avss_lib.book.pipeline import (
     REPO_ROOT,
     declared_parameters,
     load_profile,
@@ -34,7 +35,7 @@ from avss_lib.pipeline import (
 
 
 def profile_parameters(profile: str | os.PathLike[str]) -> dict[str, Any]:
-    """Keyword arguments of :func:`avss_lib.performance.run_benchmark` for a pipeline profile: the performance
+    """Keyword arguments of :func:`avss_lib.performance.measurements.run_benchmark` for a pipeline profile: the performance
     notebook's parameters (its defaults, then the profile's values) and notebook 01's calibration settings."""
     prof, run_dir = load_profile(profile), Path(tempfile.gettempdir())
 
@@ -48,7 +49,7 @@ def profile_parameters(profile: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Parse the command line, run :func:`avss_lib.performance.run_benchmark`, print and write the results."""
+    """Parse the command line, run :func:`avss_lib.performance.measurements.run_benchmark`, print and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="pipeline profile whose parameters to use")
     parser.add_argument("--n-samples", type=int, help="base calibration paragraphs (the 1x token multiple)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the headless browser used by `python -m avss_lib.browser_check` (Debian/Ubuntu).
+# Install the headless browser used by `python -m avss_lib.testing.browser_check` (Debian/Ubuntu).
 #
 # Idempotent: does nothing when the browser is already there. Installs Debian's `chromium` package with
 # apt-get (through sudo when not root). The Python driver is the `playwright` package from

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avss_lib.activations import (
+from avss_lib.core.activation_stats import (
     SITES,
     ActivationStatsCollector,
     StatsSpec,
@@ -18,9 +18,9 @@ from avss_lib.activations import (
     rel_column,
     site_hooks,
 )
-from avss_lib.errors import ConfigError
-from avss_lib.layers import find_layers
-from avss_lib.tiny_models import TINY_TYPES, tiny_model
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.layers import find_layers
+from avss_lib.testing.tiny_models import TINY_TYPES, tiny_model
 
 
 def _stats(x: torch.Tensor, valid: torch.Tensor, spec: StatsSpec | None = None) -> dict:
@@ -176,7 +176,7 @@ def test_empty_calibration_set():
 
 
 def test_find_layers_unknown_architecture():
-    from avss_lib.errors import ModelSpecError
+    from avss_lib.core.errors import ModelSpecError
 
     with pytest.raises(ModelSpecError, match="unsupported architecture Linear"):
         find_layers(torch.nn.Linear(2, 2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from avss_lib.answer_matching import (
+from avss_lib.core.answer_matching import (
     LABEL_CONVENTIONS,
     alias_containment,
     exact_match,

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import avss_lib.evaluation as ev
-from avss_lib import answers as ans
-from avss_lib.answer_matching import alias_containment, exact_match
-from avss_lib.benchmarks import load_benchmark
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.evaluation import Generation
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+import avss_lib.core.harness as ev
+from avss_lib.hallucination import answers as ans
+from avss_lib.core.answer_matching import alias_containment, exact_match
+from avss_lib.core.benchmarks import load_benchmark
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.harness import Generation
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

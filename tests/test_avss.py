@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avss_lib.avss import (
+from avss_lib.ranking.avss import (
     AvssVariant,
     avss_scores,
     select_authors_code,
@@ -16,7 +16,7 @@ from avss_lib.avss import (
     sparsity_column,
     variant_by_name,
 )
-from avss_lib.errors import ConfigError
+from avss_lib.core.errors import ConfigError
 
 FAITHFUL = AvssVariant("authors_code", "block_output", "pooled_padded", "abs_padded:1e-05")
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib.baselines import (
+from avss_lib.ranking.baselines import (
     angular_distance,
     block_influence,
     calibration_nll,
@@ -20,10 +20,10 @@ from avss_lib.baselines import (
     removal_delta_ppl,
     select_lowest,
 )
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.pruning import remove_layers
-from avss_lib.ranking_compare import jaccard_matrix, spearman_matrix
-from avss_lib.tiny_models import tiny_model
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.layer_removal import remove_layers
+from avss_lib.ranking.agreement import jaccard_matrix, spearman_matrix
+from avss_lib.testing.tiny_models import tiny_model
 
 SEQUENCES = [[1, 17, 33, 4, 58, 9, 71, 12], [1, 40, 41, 7, 90]]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from avss_lib.benchmarks import BENCHMARKS, load_benchmark, load_wikitext2_text, subsample
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.io import sha256_file
+from avss_lib.core.benchmarks import BENCHMARKS, load_benchmark, load_wikitext2_text, subsample
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.io import sha256_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 REAL = Path(__file__).parents[2] / "shared" / "data"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from avss_lib.claims import claims_markdown, collect_verdicts, write_verdicts
-from avss_lib.io import write_json
-from avss_lib.reproducibility import appendix_markdown, data_files, notebook_runs
+from avss_lib.book.claims import claims_markdown, collect_verdicts, write_verdicts
+from avss_lib.core.io import write_json
+from avss_lib.book.reproducibility import appendix_markdown, data_files, notebook_runs
 
 
 def test_claims_table_from_verdict_files(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for avss_lib.browser_check on tiny hand-written HTML sites.
+"""Tests for avss_lib.testing.browser_check on tiny hand-written HTML sites.
 
 The browser tests need Chromium (scripts/install_browser.sh) and the playwright package. Without them they
 are skipped locally, but fail when the CI environment variable is set, so CI cannot silently skip them.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from avss_lib.browser_check import check_book, chromium_path, html_pages, main
+from avss_lib.testing.browser_check import check_book, chromium_path, html_pages, main
 
 # A valid 1x1 GIF.
 PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avss_lib.contrastive import (
+from avss_lib.mitigation.contrastive_loss import (
     AnswerLogprobs,
     ContrastiveExample,
     combined_loss,
@@ -19,8 +19,8 @@ from avss_lib.contrastive import (
     score_examples,
     sequence_logprobs,
 )
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.testing.tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 

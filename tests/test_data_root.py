@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from avss_lib.data_root import ENV_VAR, data_file, resolve_data_root
-from avss_lib.errors import DataError
+from avss_lib.core.data_root import ENV_VAR, data_file, resolve_data_root
+from avss_lib.core.errors import DataError
 
 
 def test_argument_wins_and_hub_means_none(tmp_path, monkeypatch):

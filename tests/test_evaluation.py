@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
-import avss_lib.evaluation as ev
-from avss_lib.benchmarks import load_benchmark
-from avss_lib.errors import ConfigError
-from avss_lib.metrics import byte_lengths, choice_probabilities, mc2_score
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+import avss_lib.core.harness as ev
+from avss_lib.core.benchmarks import load_benchmark
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.metrics import byte_lengths, choice_probabilities, mc2_score
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib import hallucination as hal
-from avss_lib.activations import site_hooks
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.evaluation import encode_pair
-from avss_lib.example_stats import StatItem, collect_example_stats, encode_items
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+from avss_lib.hallucination import eavss as hal
+from avss_lib.core.activation_stats import site_hooks
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.harness import encode_pair
+from avss_lib.hallucination.example_stats import StatItem, collect_example_stats, encode_items
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 ITEMS = [
     StatItem("a", "Q: who made the glorp?\nA:", "Anna Berg"),

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.hallucination import (
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.hallucination.eavss import (
     EavssConfig,
     SmallClassWarning,
     check_class_sizes,

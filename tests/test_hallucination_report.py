@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avss_lib import hallucination as hal
-from avss_lib import hallucination_report as hr
-from avss_lib.errors import ConfigError
+from avss_lib.hallucination import eavss as hal
+from avss_lib.hallucination import analysis as hr
+from avss_lib.core.errors import ConfigError
 
 N_LAYERS, HIDDEN, PLANTED = 6, 8, 3
 
@@ -103,7 +103,7 @@ def test_lowest_avss_layers_and_jaccard():
 
 
 def test_claim_row_maps_the_verdict_for_the_claims_chapter(tmp_path):
-    from avss_lib import claims
+    from avss_lib.book import claims
 
     for flags, expected in (([1, 1, 0], "holds"), ([0, 0, 0], "does not hold")):
         row = hr.e1_claim_row(_summary(flags, flags, flags), site="block_output")

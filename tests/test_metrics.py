@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from avss_lib.errors import ConfigError
-from avss_lib.metrics import (
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.metrics import (
     average_precision,
     bootstrap_ci,
     bootstrap_statistic_ci,

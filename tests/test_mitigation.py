@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib import mitigation as mit
-from avss_lib import mitigation_report as rep
-from avss_lib.benchmarks import Benchmark, Example
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.splits import normalize_question
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+from avss_lib.mitigation import study as mit
+from avss_lib.mitigation import report as rep
+from avss_lib.core.benchmarks import Benchmark, Example
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.splits import normalize_question
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 N_LAYERS = 4
@@ -29,7 +29,7 @@ N_LAYERS = 4
 
 
 def _benchmarks(n: int = 8) -> dict[str, Benchmark]:
-    """Small in-memory benchmarks with the record conventions of avss_lib.benchmarks."""
+    """Small in-memory benchmarks with the record conventions of avss_lib.core.benchmarks."""
     prov = {"source": "test"}
     nq = [Example(id=f"nq_open-{i}", question=f"who is person {i}", answers=(f"Name{i}", f"N{i}")) for i in range(n)]
     tq = [Example(id=f"triviaqa-{i}", question=f"what is thing {i}", answers=(f"Thing{i}",)) for i in range(n)]
@@ -386,7 +386,7 @@ def test_verdict_rule(tmp_path: Path) -> None:
     assert "On sciq no arm answers any held-out question correctly" in text
     rows = rep.verdict_rows(comp, table)
     assert rows[0]["claim"] == "E2" and rows[0]["verdict"] == "holds" and "better on 1" in rows[0]["ours"]
-    from avss_lib.claims import write_verdicts
+    from avss_lib.book.claims import write_verdicts
 
     write_verdicts(rows, tmp_path / "verdict.json")  # validates the claims chapter's schema
     flipped = pe.assign(arm=pe["arm"].replace({"eavss": "random", "random": "eavss"}),
@@ -425,7 +425,7 @@ def test_arm_table_relative_change_and_figures() -> None:
 
 
 def test_upstream_options_follow_notebook_04(tmp_path: Path) -> None:
-    from avss_lib.io import write_json, write_table
+    from avss_lib.core.io import write_json, write_table
 
     folder = tmp_path / "04_hallucination_layers"
     write_json({**EAVSS, "label_convention": "alias_containment"}, folder / "eavss_layers.json")

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from avss_lib.errors import ModelSpecError
-from avss_lib.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec, synchronize
+from avss_lib.core.errors import ModelSpecError
+from avss_lib.core.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec, synchronize
 
 
 def test_unknown_spec_names_the_accepted_forms():
@@ -36,7 +36,7 @@ def test_bad_dtype():
 
 
 def test_local_folder_round_trip(tmp_path):
-    from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+    from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
     model = tiny_model("qwen2", n_layers=2)
     model.save_pretrained(tmp_path)

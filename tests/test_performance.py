@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib import activations, performance
-from avss_lib.calibration import make_batches
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.layers import find_layers
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+from avss_lib.core import activation_stats as activations
+from avss_lib.performance import measurements as performance
+from avss_lib.core.calibration_text import make_batches
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.layers import find_layers
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 TEXTS = ["The cat sat on the mat.", "A", "Pack my box with five dozen liquor jugs, then go home.", "Short one",
          "Sphinx of black quartz, judge my vow", "x y z"]
@@ -200,7 +201,7 @@ def test_memory_child_in_process(model_dir, batches, tmp_path):
 
 
 def test_memory_child_json_protocol_in_subprocess(model_dir, batches):
-    """The parent runs the child as `python -m avss_lib.performance memory-child` and reads its last JSON line."""
+    """The parent runs the child as `python -m avss_lib.performance.measurements memory-child` and reads its last JSON line."""
     memory = performance.measure_memory(str(model_dir), batches, [2, 1], activations.StatsSpec(), n_layers=N_LAYERS,
                                         hidden=16, naive_limit_mib=performance.naive_estimate_mib(
                                             performance.token_counts(batches)[1], N_LAYERS, 16) * 1.5,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.hallucination import SmallClassWarning
-from avss_lib.probes import probe_auroc
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.hallucination.eavss import SmallClassWarning
+from avss_lib.hallucination.probes import probe_auroc
 
 
 def _data(n: int = 120, hidden: int = 16, seed: int = 0) -> tuple[dict[int, np.ndarray], np.ndarray]:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from avss_lib.errors import ConfigError, ModelSpecError
-from avss_lib.layers import find_layers
-from avss_lib.pruning import _identity_hook, layers_for_ratio, remove_layers, skip_layers
-from avss_lib.tiny_models import TINY_TYPES, tiny_model
+from avss_lib.core.errors import ConfigError, ModelSpecError
+from avss_lib.core.layers import find_layers
+from avss_lib.core.layer_removal import _identity_hook, layers_for_ratio, remove_layers, skip_layers
+from avss_lib.testing.tiny_models import TINY_TYPES, tiny_model
 
 N_LAYERS = 6  # Gemma-3's default pattern makes layers 0-4 sliding and layer 5 full attention
 REMOVED = [1, 3]

@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-import avss_lib.pruning_study as study
-from avss_lib import baselines, pruning_report
-from avss_lib.benchmarks import load_benchmark
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.evaluation import PROMPTS, evaluate_task
-from avss_lib.pruning import skip_layers
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
+import avss_lib.pruning.study as study
+from avss_lib.ranking import baselines
+from avss_lib.pruning import report as pruning_report
+from avss_lib.core.benchmarks import load_benchmark
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.harness import PROMPTS, evaluate_task
+from avss_lib.core.layer_removal import skip_layers
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 N_LAYERS = 6
@@ -375,7 +376,7 @@ def test_random_perplexity_is_pooled_geometrically():
 
 
 def test_a1_verdict_rows_follow_the_rule():
-    from avss_lib.claims import write_verdicts
+    from avss_lib.book.claims import write_verdicts
 
     plan, summary, per_example = _synthetic()
     retention = study.retention_table(plan, summary, per_example, 0.25, ["sst2"], n_resamples=300)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from avss_lib.errors import ConfigError, DataError
-from avss_lib.splits import normalize_question, split_by_question
+from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.splits import normalize_question, split_by_question
 
 
 def _questions(n: int) -> tuple[list[str], list[str]]:

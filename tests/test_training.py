@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from avss_lib.contrastive import ContrastiveExample
-from avss_lib.errors import ConfigError
-from avss_lib.layers import find_layers
-from avss_lib.tiny_models import tiny_model, tiny_tokenizer
-from avss_lib.training import TrainConfig, batch_indices, count_trainable, freeze_all_but, train
+from avss_lib.mitigation.contrastive_loss import ContrastiveExample
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.layers import find_layers
+from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
+from avss_lib.mitigation.training import TrainConfig, batch_indices, count_trainable, freeze_all_but, train
 
 TOK = tiny_tokenizer()
 EXAMPLES = [
