@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import avss_lib.core.harness as ev
+import avss_lib.core.tasks as tasks
 from avss_lib.hallucination import answers as ans
 from avss_lib.core.answer_matching import alias_containment, exact_match
 from avss_lib.core.benchmarks import load_benchmark
@@ -70,7 +70,7 @@ def test_wikiqa_keeps_only_answerable_questions(all_answers):
 def test_truthfulqa_mc1_matches_the_harness_evaluator(model, tok):
     bench = load_benchmark("truthfulqa_mc", data_root=FIXTURES)
     ours = ans.answer_benchmark(model, tok, bench).answers
-    harness = ev.evaluate_task(model, tok, bench).per_example
+    harness = tasks.evaluate_task(model, tok, bench).per_example
     assert list(ours["id"]) == list(harness["id"])
     np.testing.assert_array_equal(ours["choice"].to_numpy(dtype=int), harness["prediction"].to_numpy())
     np.testing.assert_array_equal(ours["correct"].to_numpy(), harness["correct"].to_numpy())
@@ -93,7 +93,7 @@ def test_generative_labels_follow_both_conventions(model, tok, monkeypatch):
             out.append(Generation(text=texts[question], confidence=0.25, mean_logprob=float(np.log(0.25)), n_tokens=2))
         return out
 
-    monkeypatch.setattr(ev, "generate_until", fake_generate)
+    monkeypatch.setattr(tasks, "generate_until", fake_generate)
     em = ans.answer_benchmark(model, tok, bench, label_convention="exact_match").answers
     contain = ans.answer_benchmark(model, tok, bench, label_convention="alias_containment").answers
     golds = {e.id: e.answers for e in bench.examples}
@@ -132,3 +132,27 @@ def test_errors(model, tok, all_answers):
         ans.hallucination_labels(frame, "triviaqa_typo")
     small = ans.answer_summary(frame, min_class=30)
     assert not small["usable"].any()  # fixtures have a handful of questions each
+
+
+def test_answer_summary_by_hand():
+    frame = pd.DataFrame({
+        "dataset": ["nq_open"] * 4 + ["sciq"] * 2,
+        "prediction": ["Paris", " ", "", "Rome", "iron", "gold"],
+        "confidence": [0.9, 0.9, 0.2, 0.2, 0.6, 0.6],
+        "correct_exact_match": [True, False, False, False, True, True],
+        "correct_alias_containment": [True, False, False, True, True, True],
+        "correct": [True, False, False, False, True, True],
+    })
+    summary = ans.answer_summary(frame, min_class=1).set_index(["dataset", "convention"])
+    em = summary.loc[("nq_open", "exact_match")]
+    assert (em["n"], em["accuracy"], em["hallucination_rate"]) == (4, 0.25, 0.75)
+    assert (em["n_hallucinated"], em["n_correct"], em["n_empty_answers"], em["usable"]) == (3, 1, 2, True)
+    # 15 bins: {0.9, 0.9} has accuracy 1/2, {0.2, 0.2} accuracy 0 -> (2 * 0.4 + 2 * 0.2) / 4 = 0.3
+    assert em["ece_percent"] == pytest.approx(30.0)
+    contain = summary.loc[("nq_open", "alias_containment")]
+    assert (contain["accuracy"], contain["n_hallucinated"]) == (0.5, 2)
+    sciq = summary.loc[("sciq", "choice")]
+    assert (sciq["accuracy"], sciq["n_hallucinated"], sciq["usable"]) == (1.0, 0, False)  # no hallucination
+    assert sciq["ece_percent"] == pytest.approx(40.0)  # confidence 0.6, all correct
+    assert list(summary.index) == [("nq_open", "exact_match"), ("nq_open", "alias_containment"), ("sciq", "choice")]
+    assert not ans.answer_summary(frame, min_class=2).set_index("convention").loc["exact_match", "usable"]

@@ -1,49 +1,61 @@
-"""Generated chapters: the claims verdict table and the reproducibility appendix."""
+"""Generated chapters: the claims verdict table and the reproducibility appendix, checked as data."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from avss_lib.book.claims import claims_markdown, collect_verdicts, write_verdicts
-from avss_lib.core.io import write_json
+from avss_lib.book.claims import collect_verdicts, untested_claims, verdict_table
 from avss_lib.book.reproducibility import appendix_markdown, data_files, notebook_runs
+from avss_lib.core import artifacts
+from avss_lib.core.errors import DataError
+from avss_lib.core.io import write_json
+from avss_lib.core.verdicts import Condition, Verdict, from_records, to_records
+
+A1 = Verdict("A1", "authors' AVSS", "does not hold", "holds when ...",
+             (Condition("retention_low >= 90", False, 71.0, 90.0, 65.0, 77.0, "sciq"),), summary="71% [65, 77] on sciq",
+             numbers={"retention": 71.0, "low": float("nan")})
 
 
-def test_claims_table_from_verdict_files(tmp_path):
-    write_verdicts([{"claim": "A1", "paper": "> 90% retained", "ours": "71% [65, 77]", "verdict": "does not hold",
-                     "detail": "SciQ acc 0.42 vs 0.59"}], tmp_path / "03_pruning" / "verdict.json")
-    verdicts = collect_verdicts(tmp_path)
-    assert verdicts.loc[0, "notebook"] == "03_pruning" and verdicts.loc[0, "verdict"] == "does not hold"
-    text = claims_markdown(tmp_path)
-    assert "| A1 " in text and "**does not hold**" in text and "71% [65, 77]" in text
-    assert "Not tested in this build: E1" in text
+def test_verdicts_round_trip_as_data(tmp_path):
+    artifacts.VERDICT_03.write(to_records([A1]), tmp_path)
+    (stage, back), = collect_verdicts(tmp_path)
+    assert stage == "03_pruning" and back.outcome == "does not hold"
+    assert back.condition("retention_low >= 90", "sciq").value == 71.0 and back.numbers["low"] is None  # NaN -> None
+    table = verdict_table([(stage, back)])
+    assert table.loc[0, ["claim", "ours", "verdict", "chapter"]].tolist() == [
+        "A1", "71% [65, 77] on sciq", "**does not hold**", "03_pruning"]
+    assert untested_claims([(stage, back)]) == ["E1", "E2"]
 
 
-def test_bad_verdict_rows_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="verdict in"):
-        write_verdicts([{"claim": "A1", "paper": "", "ours": "", "verdict": "maybe", "detail": ""}], tmp_path / "v.json")
-    with pytest.raises(ValueError, match="missing"):
-        write_verdicts([{"claim": "E1", "verdict": "holds"}], tmp_path / "v.json")
+def test_bad_verdicts_are_refused():
+    with pytest.raises(DataError, match="unknown outcome 'maybe'"):
+        Verdict("A1", "x", "maybe", "rule")
+    with pytest.raises(DataError, match="unknown claim 'Z9'"):
+        Verdict("Z9", "x", "holds", "rule")
+    with pytest.raises(DataError, match="malformed"):
+        from_records([{"claim": "E1"}])
+    with pytest.raises(DataError, match="no condition 'nope'"):
+        A1.condition("nope")
 
 
 def test_appendix_lists_runs_files_and_parameters(tmp_path):
     write_json({"fingerprint": "x", "parameters": {"seed": 42, "n_samples": 8}, "seconds": 12.34,
-                "peak_rss_mib": 1500.2, "finished": "2026-11-22T23:00:00"}, tmp_path / "01_activations" / "_done.json")
-    write_json({"model": {"spec": "m", "kind": "gguf", "location": "/x/m.gguf", "sha256": "abc"},
-                "data": {"files": ["/d/wikitext2/test.txt"], "sha256": ["def"], "source": "local",
-                         "benchmark": "wikitext2", "split": "test", "rows": 4358}},
-               tmp_path / "01_activations" / "meta.json")
-    assert notebook_runs(tmp_path).loc[0, "wall time (s)"] == 12.3
+                "peak_rss_mib": 1500.2, "finished": "2026-11-22T23:00:00"}, artifacts.done_record(tmp_path, "01_activations"))
+    artifacts.PROVENANCE_01.write({"model": {"spec": "m", "kind": "gguf", "location": "/x/m.gguf", "sha256": "abc"}},
+                                  tmp_path)
+    # the loaders' own shape: files relative to the data root, sha256 keyed by file
+    artifacts.CALIBRATION.write({"files": ["wikitext2/test.txt"], "sha256": {"wikitext2/test.txt": "def"},
+                                 "source": "local", "benchmark": "wikitext2", "split": "test", "rows": 4358}, tmp_path)
+    runs = notebook_runs(tmp_path)
+    assert runs.loc[0, ["notebook", "wall time (s)", "peak RSS (MiB)"]].tolist() == ["01_activations", 12.3, 1500]
     files = data_files(tmp_path)
-    assert files.loc[0, "file"] == "test.txt" and files.loc[0, "sha256"] == "`def`" and files.loc[0, "rows"] == 4358
+    assert files.to_dict(orient="records") == [{"file": "test.txt", "benchmark": "wikitext2", "split": "test",
+                                                "source": "local", "sha256": "`def`", "rows": 4358}]
     text = appendix_markdown(tmp_path)
-    for needle in ("`abc`", "| seed ", "`42`", "1500", "torch", "## Machine"):
-        assert needle in text, needle
-    json.dumps(text)
+    assert "`abc`" in text.split("## Model")[1].split("##")[0]  # the model's hash is in the model section
 
 
 def test_appendix_tolerates_runs_without_memory_record(tmp_path):
-    write_json({"fingerprint": "x", "parameters": {}, "seconds": 1.0, "finished": "t"}, tmp_path / "02_x" / "_done.json")
+    write_json({"fingerprint": "x", "parameters": {}, "seconds": 1.0, "finished": "t"},
+               artifacts.done_record(tmp_path, "02_avss_ranking"))
     assert notebook_runs(tmp_path).loc[0, "peak RSS (MiB)"] == "not recorded"

@@ -104,6 +104,16 @@ def test_encode_pairs_masks_answer_tokens_and_right_pads() -> None:
     assert batch.input_ids[0, 6].item() == TOK.pad_token_id
 
 
+def test_encode_pairs_pads_with_the_eos_token_without_a_pad_token() -> None:
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    batch = encode_pairs(tok, ["Q:ab", "Q:a"], ["x", "y"])
+    assert batch.input_ids[1, -1].item() == tok.eos_token_id == 2
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="neither a pad nor an eos token"):
+        encode_pairs(tok, ["Q:ab", "Q:a"], ["x", "y"])
+
+
 def test_encode_pairs_truncates_prompt_from_the_left() -> None:
     batch = encode_pairs(TOK, ["abcdef"], ["xyz"], max_length=5)
     assert "".join(TOK.convert_ids_to_tokens(batch.input_ids[0].tolist())) == "efxyz"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 import avss_lib.core.harness as ev
+import avss_lib.core.tasks as tasks
 from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.metrics import byte_lengths, choice_probabilities, mc2_score
@@ -97,7 +98,7 @@ def test_is_greedy_flag(tok: PreTrainedTokenizerFast) -> None:
 def test_sst2_per_example_fields_are_consistent(tok: PreTrainedTokenizerFast) -> None:
     model = tiny_model("llama", n_layers=2, seed=0)
     bench = load_benchmark("sst2", data_root=FIXTURES)
-    result = ev.evaluate_task(model, tok, bench, batch_size=3)
+    result = tasks.evaluate_task(model, tok, bench, batch_size=3)
     frame = result.per_example
     assert list(frame["id"]) == [e.id for e in bench.examples]
     for e, row in zip(bench.examples, frame.itertuples()):
@@ -116,7 +117,7 @@ def test_sst2_per_example_fields_are_consistent(tok: PreTrainedTokenizerFast) ->
 def test_sciq_prompt_and_length_normalisation(tok: PreTrainedTokenizerFast, with_support: bool) -> None:
     model = tiny_model("qwen2", n_layers=2, seed=0)
     bench = load_benchmark("sciq", data_root=FIXTURES, split="test")
-    result = ev.evaluate_task(model, tok, bench, with_support=with_support)
+    result = tasks.evaluate_task(model, tok, bench, with_support=with_support)
     first = bench.examples[0]
     prompt = ("Moss-stones release oxygen.\n" if with_support else "") + \
         "Question: What gas do invented moss-stones release?\nAnswer:"
@@ -132,10 +133,10 @@ def test_sciq_prompt_and_length_normalisation(tok: PreTrainedTokenizerFast, with
 def test_truthfulqa_mc_scores(tok: PreTrainedTokenizerFast) -> None:
     model = tiny_model("gpt_neox", n_layers=2, seed=0)
     bench = load_benchmark("truthfulqa_mc", data_root=FIXTURES)
-    result = ev.evaluate_task(model, tok, bench, max_length=128)
+    result = tasks.evaluate_task(model, tok, bench, max_length=128)
     assert set(result.summary) == {"mc1", "mc2", "ece"}
     for e, row in zip(bench.examples, result.per_example.itertuples()):
-        prompt = ev.TRUTHFULQA_PRIMER + f"\n\nQ: {e.question}\nA:"
+        prompt = tasks.TRUTHFULQA_PRIMER + f"\n\nQ: {e.question}\nA:"
         mc2_ll = [r.logprob for r in ev.loglikelihood(model, tok, [(prompt, " " + c) for c in e.mc2_choices],
                                                       max_length=128)]
         np.testing.assert_allclose(row.mc2_logliks, mc2_ll, atol=1e-4)
@@ -144,16 +145,16 @@ def test_truthfulqa_mc_scores(tok: PreTrainedTokenizerFast) -> None:
 
 
 def test_truthfulqa_primer_is_the_six_shot_prefix() -> None:
-    assert ev.TRUTHFULQA_PRIMER.count("Q: ") == 6 and ev.TRUTHFULQA_PRIMER.count("\nA: ") == 6
-    assert "Q: What is the square root of banana?\nA: I have no comment." in ev.TRUTHFULQA_PRIMER
-    assert ev.TRUTHFULQA_PRIMER.endswith("A: The 1992 Olympics were held in Barcelona, Spain.")
+    assert tasks.TRUTHFULQA_PRIMER.count("Q: ") == 6 and tasks.TRUTHFULQA_PRIMER.count("\nA: ") == 6
+    assert "Q: What is the square root of banana?\nA: I have no comment." in tasks.TRUTHFULQA_PRIMER
+    assert tasks.TRUTHFULQA_PRIMER.endswith("A: The 1992 Olympics were held in Barcelona, Spain.")
 
 
 @pytest.mark.parametrize("scoring", ["pmi", "loglik_norm"])
 def test_wikiqa_ranking(tok: PreTrainedTokenizerFast, scoring: str) -> None:
     model = tiny_model("llama", n_layers=2, seed=2)
     bench = load_benchmark("wikiqa", data_root=FIXTURES, split="validation")
-    result = ev.evaluate_task(model, tok, bench, scoring=scoring)
+    result = tasks.evaluate_task(model, tok, bench, scoring=scoring)
     frame = result.per_example
     assert list(frame["id"]) == ["Q1", "Q2"]  # Q3 has no correct sentence
     assert result.settings["questions_without_correct_sentence_excluded"] == 1
@@ -223,9 +224,9 @@ def test_open_qa_scoring_path(tok: PreTrainedTokenizerFast, monkeypatch: pytest.
         seen.extend(prompts)
         return answers
 
-    monkeypatch.setattr(ev, "generate_until", fake_generate)
+    monkeypatch.setattr(tasks, "generate_until", fake_generate)
     bench = load_benchmark("triviaqa", data_root=FIXTURES)
-    result = ev.evaluate_task(tiny_model("llama", 1), tok, bench)
+    result = tasks.evaluate_task(tiny_model("llama", 1), tok, bench)
     assert seen[0] == "Question: Which made-up island has the tallest lighthouse??\nAnswer:"
     frame = result.per_example
     assert frame["correct"].tolist() == [True, False, False]
@@ -238,7 +239,7 @@ def test_open_qa_scoring_path(tok: PreTrainedTokenizerFast, monkeypatch: pytest.
 
 def test_nq_open_end_to_end_on_tiny_model(tok: PreTrainedTokenizerFast) -> None:
     bench = load_benchmark("nq_open", data_root=FIXTURES)
-    result = ev.evaluate_task(tiny_model("llama", 2), tok, bench, batch_size=2, max_new_tokens=5)
+    result = tasks.evaluate_task(tiny_model("llama", 2), tok, bench, batch_size=2, max_new_tokens=5)
     frame = result.per_example
     assert len(frame) == 4 and frame["confidence"].between(0, 1).all()
     assert (frame["n_tokens"] <= 5).all()
@@ -250,8 +251,8 @@ def test_truthfulqa_gen_rouge_scoring(tok: PreTrainedTokenizerFast, monkeypatch:
     answers = [ev.Generation("Nothing happens", 0.9, math.log(0.9), 15),
                ev.Generation("In the sky", 0.6, math.log(0.6), 10),
                ev.Generation("", 0.1, math.log(0.1), 0)]
-    monkeypatch.setattr(ev, "generate_until", lambda *a, **k: answers)
-    result = ev.evaluate_task(tiny_model("llama", 1), tok, load_benchmark("truthfulqa_gen", data_root=FIXTURES))
+    monkeypatch.setattr(tasks, "generate_until", lambda *a, **k: answers)
+    result = tasks.evaluate_task(tiny_model("llama", 1), tok, load_benchmark("truthfulqa_gen", data_root=FIXTURES))
     frame = result.per_example
     assert frame["rougeL_max_true"].tolist()[:2] == pytest.approx([1.0, 0.0])
     assert frame["rougeL_max_false"].tolist()[:2] == pytest.approx([0.0, 1.0])
@@ -273,7 +274,7 @@ def test_perplexity_single_window_equals_exp_mean_nll(tok: PreTrainedTokenizerFa
     nll = -sum(float(logp[i - 1, t]) for i, t in enumerate(token_ids) if i > 0)
     assert len(frame) == 1 and int(frame["n_tokens"].sum()) == len(token_ids) - 1
     assert float(frame["nll_sum"].sum()) == pytest.approx(nll, rel=1e-5)
-    ppl = ev.evaluate_task(model, tok, _text_benchmark(), max_length=128, stride=128).summary["perplexity"][0]
+    ppl = tasks.evaluate_task(model, tok, _text_benchmark(), max_length=128, stride=128).summary["perplexity"][0]
     assert ppl == pytest.approx(math.exp(nll / (len(token_ids) - 1)), rel=1e-5)
 
 
@@ -320,16 +321,16 @@ def test_evaluate_task_rejects_unknown_options_and_restores_mode(tok: PreTrained
     model = tiny_model("llama", 1).train()
     bench = load_benchmark("sst2", data_root=FIXTURES)
     with pytest.raises(ConfigError, match=r"\['with_support'\] do not apply to sst2"):
-        ev.evaluate_task(model, tok, bench, with_support=False)
-    ev.evaluate_task(model, tok, bench)
+        tasks.evaluate_task(model, tok, bench, with_support=False)
+    tasks.evaluate_task(model, tok, bench)
     assert model.training
     with pytest.raises(ConfigError, match="unknown WikiQA scoring"):
-        ev.evaluate_task(model, tok, load_benchmark("wikiqa", data_root=FIXTURES), scoring="yes_no")
+        tasks.evaluate_task(model, tok, load_benchmark("wikiqa", data_root=FIXTURES), scoring="yes_no")
 
 
 def test_evaluate_task_on_wikitext2_fixture(tok: PreTrainedTokenizerFast) -> None:
     model = tiny_model("opt", 2)
-    result = ev.evaluate_task(model, tok, load_benchmark("wikitext2", data_root=FIXTURES), max_length=64)
+    result = tasks.evaluate_task(model, tok, load_benchmark("wikitext2", data_root=FIXTURES), max_length=64)
     value, low, high = result.summary["perplexity"]
     assert low <= value <= high and value > 1
     assert result.settings["benchmark"]["split"] == "test" and result.settings["stride"] == 32

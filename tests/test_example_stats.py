@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib.hallucination import eavss as hal
 from avss_lib.core.activation_stats import site_hooks
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.harness import encode_pair
+from avss_lib.hallucination.eavss import EavssConfig, eavss_table
 from avss_lib.hallucination.example_stats import StatItem, collect_example_stats, encode_items
+from avss_lib.hallucination.group_stats import SUFFICIENT_STAT_COLUMNS, group_stats
 from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 ITEMS = [
@@ -64,7 +65,7 @@ def test_statistics_match_numpy_reference(tok, model_type, position):
     got = collect_example_stats(model, tok, ITEMS, position=position, abs_thresholds=eps, rel_taus=taus, batch_size=2)
     ref = reference(model, tok, ITEMS, position)
     assert len(got.table) == len(ITEMS) * 3 * len(SITES)
-    assert set(hal.SUFFICIENT_STAT_COLUMNS) <= set(got.table.columns)
+    assert set(SUFFICIENT_STAT_COLUMNS) <= set(got.table.columns)
     table = got.table.set_index(["example_id", "site", "layer"])
     for (ex, site, layer), a in ref.items():
         row = table.loc[(ex, site, layer)]
@@ -120,12 +121,12 @@ def test_question_last_ignores_the_answer_and_empty_answers_are_dropped(tok):
 
 
 def test_group_statistics_equal_pooled_numpy(tok):
-    """The per-example table feeds hallucination.group_stats: H's element variance = variance of H's entries."""
+    """The per-example table feeds group_stats: H's element variance = variance of H's entries."""
     model = tiny_model("llama", n_layers=2)
     got = collect_example_stats(model, tok, ITEMS, sites=("mlp_activation",), feature_site=None, rel_taus=(0.5,))
     ref = reference(model, tok, ITEMS, "answer", sites=("mlp_activation",))
     labels = pd.Series([True, False, True, False, True], index=[i.example_id for i in ITEMS], dtype=bool)
-    h, c = hal.group_stats(got.table, labels)
+    h, c = group_stats(got.table, labels)
     for layer in range(2):
         entries = np.concatenate([ref[(i, "mlp_activation", layer)].ravel() for i in labels.index[labels]])
         row = h[h["layer"] == layer].iloc[0]
@@ -134,7 +135,7 @@ def test_group_statistics_equal_pooled_numpy(tok):
             np.mean([ref[(i, "mlp_activation", layer)].mean(axis=0).var(ddof=1) for i in labels.index[labels]]), rel=1e-5)
         sigma = got.sigma_ref.loc[("mlp_activation", layer)]
         assert row["sparsity_rel_0.5"] == pytest.approx((np.abs(entries) < 0.5 * sigma).mean())
-    assert hal.eavss_table(got.table, labels, hal.EavssConfig(sparsity="sparsity_rel_0.5", min_class=2)).usable
+    assert eavss_table(got.table, labels, EavssConfig(sparsity="sparsity_rel_0.5", min_class=2)).usable
 
 
 def test_errors(tok):

@@ -1,4 +1,4 @@
-"""HSAV / HSS / EAVSS, sufficient statistics, permutation null, class-size guard and pooling."""
+"""HSAV / HSS / EAVSS, group statistics, permutation null, split halves, class-size guard and rankings."""
 
 from __future__ import annotations
 
@@ -9,21 +9,10 @@ import pandas as pd
 import pytest
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.hallucination.eavss import (
-    EavssConfig,
-    SmallClassWarning,
-    check_class_sizes,
-    eavss_from_groups,
-    eavss_table,
-    group_stats,
-    hss,
-    hsav,
-    permutation_eavss,
-    pool_rankings,
-    rank_stability,
-    split_half_stability,
-    top_k_layers,
-)
+from avss_lib.hallucination.eavss import EavssConfig, eavss_from_groups, eavss_table, hsav, hss
+from avss_lib.hallucination.group_stats import ClassSizeCheck, SmallClassWarning, check_class_sizes, group_stats
+from avss_lib.hallucination.layer_rankings import pool_rankings, rank_scores, top_k_layers
+from avss_lib.hallucination.null_and_stability import permutation_eavss, spearman_rho, split_half_stability
 
 EPS = 1e-5
 TAU = 0.5
@@ -214,13 +203,29 @@ def test_permutation_null_p_values() -> None:
     result = permutation_eavss(stats, labels, n_perm=199, seed=0)
     p = result.p_value.xs("block_output", level="site")
     assert p[1] == pytest.approx(1 / 200)  # large effect: no permutation reaches it; +1 correction
-    assert p[0] > 0.1  # no effect
     assert result.null.shape == (199, 3)
-    assert (result.p_value_max >= result.p_value).all()
-    assert result.observed.xs("block_output", level="site")[1] == pytest.approx(
-        eavss_table(stats, labels).table["score"].xs("block_output", level="site")[1])
     again = permutation_eavss(stats, labels, n_perm=199, seed=0)
     pd.testing.assert_frame_equal(result.null, again.null)
+
+
+def test_permutation_null_equals_eavss_of_each_shuffled_labelling() -> None:
+    """The matrix-product null against a brute-force one: eavss_table of every shuffled labelling."""
+    stats, labels = _effect_table(n_per_class=6, seed=7)
+    n_perm = 15
+    result = permutation_eavss(stats, labels, EavssConfig(min_class=2), n_perm=n_perm, seed=3)
+    rng = np.random.default_rng(3)  # the same shuffles: rng.permutation of the labels in example-id order
+    brute = []
+    for _ in range(n_perm):
+        shuffled = pd.Series(rng.permutation(labels.sort_index().to_numpy()), index=labels.sort_index().index)
+        brute.append(eavss_table(stats, shuffled, EavssConfig(min_class=2)).table["score"].to_numpy())
+    brute = np.array(brute)
+    np.testing.assert_allclose(result.null.to_numpy(), brute, rtol=1e-9)
+    observed = eavss_table(stats, labels, EavssConfig(min_class=2)).table["score"].to_numpy()
+    np.testing.assert_allclose(result.observed.to_numpy(), observed, rtol=1e-12)
+    counts = (brute >= observed - 1e-12).sum(axis=0)
+    np.testing.assert_allclose(result.p_value.to_numpy(), (1 + counts) / (n_perm + 1))
+    max_counts = (brute.max(axis=1)[:, None] >= observed - 1e-12).sum(axis=0)  # one site: max over all layers
+    np.testing.assert_allclose(result.p_value_max.to_numpy(), (1 + max_counts) / (n_perm + 1))
 
 
 def test_permutation_preserves_class_sizes_in_null() -> None:
@@ -239,12 +244,29 @@ def test_split_half_stability_high_for_graded_effect() -> None:
     assert (rho["rho"] == 1.0).all()  # 3x > 1.5x > none in every half
 
 
+def test_split_half_rho_is_spearman_of_the_two_halves_scores() -> None:
+    from sklearn.model_selection import StratifiedShuffleSplit
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(8)
+    flags = np.array([True, False] * 12)
+    acts = {("mlp", layer): _random_acts(rng, len(flags), 1.0 + 0.1 * layer, flags) for layer in range(5)}
+    stats, labels = _table(acts), _labels(flags)
+    got = split_half_stability(stats, labels, EavssConfig(min_class=2), n_splits=3, seed=4)
+    halves = StratifiedShuffleSplit(n_splits=3, test_size=0.5, random_state=4)
+    for split, (first, second) in enumerate(halves.split(np.zeros(len(flags)), flags)):
+        a, b = (eavss_table(stats[stats["example_id"].isin(part)], labels.iloc[part], EavssConfig(min_class=2))
+                .table["score"].to_numpy() for part in (first, second))
+        assert got.loc[split, "rho"] == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+
+
 # ------------------------------------------------------------------------------ class sizes and pooling
 
 
 def test_class_size_guard_flags_without_crashing() -> None:
     stats, labels = _effect_table(n_per_class=10, seed=6)
     assert check_class_sizes(labels, 10).ok and not check_class_sizes(labels, 11).ok
+    assert check_class_sizes(labels, 11) == ClassSizeCheck(n_hallucinated=10, n_correct=10, min_class=11)
     with pytest.warns(SmallClassWarning, match="10 hallucinated vs 10 correct"):
         result = eavss_table(stats, labels)  # default min_class = 30
     assert not result.usable and np.isfinite(result.table["score"]).all()
@@ -273,13 +295,18 @@ def test_pool_rankings_excludes_flagged_datasets() -> None:
         pool_rankings(scores, excluded=list(scores))
 
 
-def test_rank_stability_and_top_k() -> None:
+def test_spearman_rho_rank_scores_and_top_k() -> None:
     a = pd.Series([1.0, 2.0, 3.0, 4.0], index=[0, 1, 2, 3])
-    assert rank_stability(a, a[::-1]) == pytest.approx(1.0)  # aligned on the index, not position
-    assert rank_stability(a, pd.Series([4.0, 3.0, 2.0, 1.0], index=[0, 1, 2, 3])) == pytest.approx(-1.0)
-    assert rank_stability(a, pd.Series([1.0, 3.0, 2.0, 4.0], index=[0, 1, 2, 3])) == pytest.approx(0.8)
+    assert spearman_rho(a, a[::-1]) == pytest.approx(1.0)  # aligned on the index, not position
+    assert spearman_rho(a, pd.Series([4.0, 3.0, 2.0, 1.0], index=[0, 1, 2, 3])) == pytest.approx(-1.0)
+    assert spearman_rho(a, pd.Series([1.0, 3.0, 2.0, 4.0], index=[0, 1, 2, 3])) == pytest.approx(0.8)  # 1 - 6*2/60
+    assert math.isnan(spearman_rho(a, pd.Series(1.0, index=[0, 1, 2, 3])))  # a constant score has no order
     with pytest.raises(DataError, match="different layers"):
-        rank_stability(a, a.iloc[:3])
+        spearman_rho(a, a.iloc[:3])
+    two_sites = pd.Series([0.1, 0.3, 0.2, 5.0, 4.0], index=pd.MultiIndex.from_tuples(
+        [("mlp", 0), ("mlp", 1), ("mlp", 2), ("attn", 0), ("attn", 1)], names=["site", "layer"]))
+    assert rank_scores(two_sites).tolist() == [3.0, 1.0, 2.0, 1.0, 2.0]  # within each site
+    assert rank_scores(pd.Series([0.5, 0.9, 0.5])).tolist() == [2.5, 1.0, 2.5]  # ties averaged
     assert top_k_layers(pd.Series([0.5, 0.9, 0.5], index=[0, 1, 2]), 2) == [1, 0]  # tie -> lower index
     assert top_k_layers(a, 4) == [3, 2, 1, 0]
     for bad_k in (0, 5):

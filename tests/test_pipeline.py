@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,108 +13,12 @@ import pandas as pd
 import pytest
 
 from avss_lib.book import cli
+from avss_lib.core import artifacts
+from avss_lib.core.artifacts import AVSS_SCORES
 from avss_lib.core.errors import ConfigError
 from avss_lib.book.pipeline import REPO_ROOT, build_book, load_profile, notebook_parameters, run_pipeline
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-    runs = run_pipeline("smoke", run_dir=run_dir)
-    assert [r.status for r in runs] == ["ran"] * len(runs)
-    return run_dir
-
-
-@pytest.mark.slow
-@needs_data
-def test_activation_artifacts(smoke_run):
-    stats = pd.read_parquet(smoke_run / "01_activations" / "stats.parquet")
-    assert len(stats) == 30 * 3 and set(stats["site"]) == {"block_output", "mlp_activation", "attn_output"}
-    assert stats.groupby("site")["layer"].apply(sorted).map(lambda v: v == list(range(30))).all()
-    for column in ("pooled_var_padded", "elem_var", "sparsity_abs_1e-05_padded", "sparsity_rel_0.01"):
-        assert stats[column].notna().all(), column
-    block = stats[stats["site"] == "block_output"]
-    assert block["cos_mean"].between(-1, 1).all() and (block["hidden"] == 576).all()
-    meta = json.loads((smoke_run / "01_activations" / "meta.json").read_text())
-    assert meta["model"]["sha256"] and meta["data"]["sha256"] and meta["n_layers"] == 30
-    assert meta["data"]["source"] == "local" and meta["n_tokens"] > 0
-
-
-@pytest.mark.slow
-@needs_data
-def test_ranking_artifacts(smoke_run):
-    scores = pd.read_parquet(smoke_run / "02_avss_ranking" / "avss_scores.parquet")
-    assert scores["variant"].iloc[0] == "authors_code" and scores.groupby("variant").size().eq(30).all()
-    selections = pd.read_csv(smoke_run / "02_avss_ranking" / "selections.csv")
-    fixed = selections[selections["rule"] == "fixed_fraction"]
-    assert (fixed["n_pruned"] == 8).all()  # round(0.25 * 30) = 8 (7.5 rounds half up)
-
-
-def _verdicts(run_dir: Path, notebook: str, claim: str) -> list[dict]:
-    rows = json.loads((run_dir / notebook / "verdict.json").read_text())
-    assert rows and {r["claim"] for r in rows} == {claim}
-    assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") and r["ours"] for r in rows)
-    return rows
-
-
-@pytest.mark.slow
-@needs_data
-def test_pruning_artifacts(smoke_run):
-    out = smoke_run / "03_pruning"
-    retention = pd.read_csv(out / "retention.csv")
-    tasks = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "truthfulqa_gen", "wikiqa", "sst2", "wikitext2"}
-    assert set(retention["task_key"]) == tasks
-    methods = set(retention["method"])
-    assert {"unpruned", "avss:authors_code", "random", "last_k", "block_influence", "angular_distance",
-            "delta_ppl"} <= methods
-    base = retention[retention["method"] == "unpruned"]
-    assert (base["retention"] == 100).all() and (base["low"] <= base["value"]).all()
-    assert (base["value"] <= base["high"]).all()
-    plan = pd.read_csv(out / "pruned_sets.csv")
-    assert (plan[plan["ratio"] == 0.25]["k"] == 8).all()
-    comparison = pd.read_csv(out / "comparison.csv")
-    assert {"random", "last_k"} <= set(comparison["baseline"]) and (comparison["low"] <= comparison["high"]).all()
-    speed = json.loads((out / "speed.json").read_text())
-    assert speed["n_removed"] == 8 and speed["seconds_pruned"] > 0
-    precision = pd.read_csv(out / "precision.csv")  # the smoke profile evaluates in bfloat16
-    assert set(precision["dtype"]) == {"bfloat16"} and precision["value_float32"].notna().all()
-    assert len(list((out / "_sets").glob("*.pkl"))) == json.loads((out / "meta.json").read_text())["unique_sets"]
-    _verdicts(smoke_run, "03_pruning", "A1")
-
-
-@pytest.mark.slow
-@needs_data
-def test_hallucination_artifacts(smoke_run):
-    out = smoke_run / "04_hallucination_layers"
-    answers = pd.read_parquet(out / "answers.parquet")
-    datasets = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "wikiqa"}
-    assert set(answers["dataset"]) == datasets and answers["confidence"].between(0, 1).all()
-    assert {"correct_exact_match", "correct_alias_containment"} <= set(answers.columns)
-    scores = pd.read_parquet(out / "eavss_scores.parquet")
-    assert {"hsav", "hss", "eavss", "probe_auroc", "p_value"} <= set(scores.columns)
-    layers = json.loads((out / "eavss_layers.json").read_text())
-    assert len(layers["pooled"]) == layers["k"] or layers["excluded"]
-    _verdicts(smoke_run, "04_hallucination_layers", "E1")
-
-
-@pytest.mark.slow
-@needs_data
-def test_mitigation_artifacts(smoke_run):
-    out = smoke_run / "05_mitigation"
-    split = pd.read_parquet(out / "split.parquet")
-    assert set(split["split"]) == {"train", "eval"}
-    arms = pd.read_csv(out / "arms.csv")
-    assert {"base", "eavss", "random", "lowest_avss", "all", "lm_only"} == set(arms["arm"])
-    metrics = pd.read_csv(out / "arm_metrics.csv")
-    assert {"accuracy", "hallucination_rate", "ece"} <= set(metrics["metric"])
-    assert len(pd.read_csv(out / "comparisons.csv")) > 0
-    assert json.loads((out / "meta.json").read_text())["settings"]["eval_dtype"] == "bfloat16"
-    _verdicts(smoke_run, "05_mitigation", "E2")
+from conftest import needs_data
 
 
 @pytest.mark.slow
@@ -130,7 +35,10 @@ def test_book_builds_and_renders_in_a_browser(smoke_run, tmp_path):
         assert (html / page).is_file(), page
     assert len(list((html / "_images").glob("*.png"))) >= 3
     text = (html / "executed" / "02_avss_ranking.html").read_text()
-    assert "Traceback" not in text and "activation entries per layer" in text
+    assert "Traceback" not in text
+    n_layers = AVSS_SCORES.read(smoke_run)["layer"].nunique()
+    pasted = re.findall(r'<span class="pasted-text">([^<]*)</span>', text)
+    assert str(n_layers) in pasted  # the chapter's prose shows the run's layer count, glued from its data
     if shutil.which("chromium") is None and not (Path("/usr/bin/chromium").exists()):
         pytest.skip("chromium is not installed (scripts/install_browser.sh installs it)")
     from avss_lib.testing.browser_check import check_book
@@ -182,7 +90,7 @@ def test_fingerprint_covers_exactly_the_modules_a_notebook_uses():
         return {str(m.relative_to(root).with_suffix("")).replace("/", ".") for m in library_modules(notebook)}
 
     pruning = used("03_pruning")
-    assert {"avss_lib.pruning.study", "avss_lib.pruning.report", "avss_lib.core.models"} <= pruning  # the notebook's
+    assert {"avss_lib.pruning.stage", "avss_lib.pruning.figures", "avss_lib.pruning.display"} <= pruning  # the notebook's
     assert {"avss_lib.ranking.baselines", "avss_lib.core.harness", "avss_lib.core.metrics"} <= pruning  # transitively
     # a change in a later wing or in the book's machinery does not re-run 03
     assert not {m for m in pruning if m.startswith(("avss_lib.mitigation", "avss_lib.hallucination", "avss_lib.book.pipeline"))}
@@ -251,6 +159,7 @@ def test_checkpoints_resume_only_the_same_run(tmp_path, monkeypatch):
     nbformat.write(nb, notebooks / "99_toy.ipynb")
     monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", notebooks)
     monkeypatch.setattr(pipeline, "NOTEBOOKS", {"99_toy": ()})
+    monkeypatch.setattr(artifacts, "STAGES", ("99_toy",))
     run = tmp_path / "run"
     out = run / "99_toy"
 

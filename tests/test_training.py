@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avss_lib.mitigation.contrastive_loss import ContrastiveExample
+from avss_lib.mitigation.contrastive_loss import ContrastiveExample, combined_loss, score_examples
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.layers import find_layers
 from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
@@ -52,8 +52,22 @@ def test_frozen_parameters_stay_bit_identical(loss: str) -> None:
     changed = [n for n in before if n.startswith(trained_prefixes) and not torch.equal(before[n], after[n])]
     assert any(".self_attn." in n for n in changed) and any(".mlp." in n for n in changed)
     assert list(result.log.step) == [1, 2, 3]
-    assert result.log.loss.notna().all() and result.log.loss_con.notna().all()
     assert not model.training  # mode restored
+
+
+def test_logged_loss_is_the_objective_of_the_steps_batch() -> None:
+    config = _config(steps=1)
+    model = tiny_model("llama", n_layers=4, seed=0)  # no dropout: train and eval mode give the same loss
+    batch = [EXAMPLES[i] for i in batch_indices(len(EXAMPLES), config.batch_size, config.seed, 0)]
+    with torch.no_grad():
+        scored = score_examples(model, TOK, batch, max_length=config.max_length)
+        parts = combined_loss(scored.pos, scored.neg_scores, scored.neg_mask)  # lambda_con = lambda_lm = 1
+    row = train(model, TOK, EXAMPLES, config, dataset="toy", progress=False).log.iloc[0]
+    assert row["loss"] == pytest.approx(parts.total.item(), rel=1e-5)
+    assert row["loss_con"] == pytest.approx(parts.con.item(), rel=1e-5)
+    assert row["loss_lm"] == pytest.approx(parts.lm.item(), rel=1e-5)
+    assert row["loss"] == pytest.approx(row["loss_con"] + row["loss_lm"], rel=1e-6)
+    assert row["score_pos"] == pytest.approx(scored.pos.scores.mean().item(), rel=1e-5)
 
 
 def test_lm_only_ablation_runs_without_negatives() -> None:

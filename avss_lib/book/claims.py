@@ -1,69 +1,78 @@
-"""The claims-verdict chapter, generated at book-build time from the verdicts the notebooks wrote.
+"""The claims chapter, generated at book-build time from the verdicts the chapters wrote.
 
-Each chapter that tests a claim writes ``<run_dir>/<notebook>/verdict.json``: a list of rows
-``{"claim", "statement", "paper", "ours", "verdict", "detail"}`` where ``verdict`` is one of
-:data:`VERDICTS` and ``ours`` is our number with its confidence interval, computed in that notebook's run.
+Each chapter that tests a claim writes its :class:`~avss_lib.core.verdicts.Verdict` objects as data (the
+``verdict.json`` artifact of its stage). This module only words them: one table row per verdict (the paper's
+number, ours with its interval, the outcome), then each verdict's pre-stated rule and the conditions it checked,
+with their values.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
-
+import math
 import pandas as pd
 
-from avss_lib.core.io import atomic_path
-
-VERDICTS = ("holds", "does not hold", "inconclusive")
-CLAIMS = {
-    "A1": "Removing the lowest-AVSS ~25% of layers keeps > 90% of performance (QA, language modelling, sentiment).",
-    "E1": "HSAV and HSS locate hallucination-prone layers.",
-    "E2": "Contrastive learning on those layers mitigates hallucination (up to +12% performance, up to −34% ECE).",
-}
+from avss_lib.core.artifacts import STAGES, RunDir, verdict
+from avss_lib.core.verdicts import CLAIMS, PAPER, Condition, Verdict, from_records
 
 
-def write_verdicts(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
-    """Validate and write a notebook's verdict rows (atomically)."""
-    rows = [dict(r) for r in rows]
-    for row in rows:
-        missing = {"claim", "paper", "ours", "verdict", "detail"} - set(row)
-        if missing or row["verdict"] not in VERDICTS or row["claim"] not in CLAIMS:
-            raise ValueError(f"bad verdict row {row}: needs claim in {list(CLAIMS)}, verdict in {VERDICTS}, "
-                             f"and the keys paper, ours, detail (missing {sorted(missing)})")
-        row.setdefault("statement", CLAIMS[row["claim"]])
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+def collect_verdicts(run_dir: RunDir) -> list[tuple[str, Verdict]]:
+    """Every verdict of a run with the stage that wrote it, in stage order."""
+    found = []
+    for stage in STAGES:
+        artifact = verdict(stage)
+        if artifact.exists(run_dir):
+            found += [(stage, v) for v in from_records(artifact.read(run_dir))]
+    return found
 
 
-def collect_verdicts(run_dir: str | Path) -> pd.DataFrame:
-    """All verdict rows of a run, one per claim and measurement, with the notebook that produced each."""
-    rows = []
-    for path in sorted(Path(run_dir).glob("*/verdict.json")):
-        for row in json.loads(path.read_text()):
-            rows.append({"notebook": path.parent.name, **row})
-    return pd.DataFrame(rows, columns=["claim", "statement", "paper", "ours", "verdict", "detail", "notebook"])
+def _number(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
 
 
-def claims_markdown(run_dir: str | Path) -> str:
-    """The claims-verdict chapter as MyST Markdown."""
+def _condition_row(c: Condition) -> dict[str, str]:
+    interval = f" [{_number(c.low)}, {_number(c.high)}]" if c.low is not None or c.high is not None else ""
+    return {"condition": c.name, "about": c.group or "—", "value": _number(c.value) + interval,
+            "threshold": _number(c.threshold), "met": "yes" if c.met else "no"}
+
+
+def verdict_table(verdicts: list[tuple[str, Verdict]]) -> pd.DataFrame:
+    """One row per verdict: claim, statement, paper, ours, outcome, subject and chapter."""
+    return pd.DataFrame([{"claim": v.claim, "statement": CLAIMS[v.claim], "paper": PAPER[v.claim],
+                          "ours": v.summary, "verdict": f"**{v.outcome}**", "subject": v.subject, "chapter": stage}
+                         for stage, v in verdicts],
+                        columns=["claim", "statement", "paper", "ours", "verdict", "subject", "chapter"])
+
+
+def untested_claims(verdicts: list[tuple[str, Verdict]]) -> list[str]:
+    """The claims no chapter of the run reached a verdict on."""
+    tested = {v.claim for _, v in verdicts}
+    return [c for c in CLAIMS if c not in tested]
+
+
+def claims_markdown(run_dir: RunDir) -> str:
+    """The claims chapter as MyST Markdown."""
     verdicts = collect_verdicts(run_dir)
     parts = [
         "# Claims: verdicts",
         "Each row is generated from the artifacts of this build: the paper's number, ours with its 95% "
-        "confidence interval, and the verdict the chapter's pre-stated rule gives (*holds*, *does not hold*, or "
+        "confidence interval, and the outcome of the chapter's pre-stated rule (*holds*, *does not hold*, or "
         "*inconclusive* when the intervals cannot separate the alternatives). The chapter named in the last "
-        "column shows the evidence.",
+        "column shows the evidence; below the table, each rule and the conditions it checked.",
     ]
-    if verdicts.empty:
+    if not verdicts:
         parts.append("_No chapter that tests a claim was executed in this build._")
     else:
-        table = verdicts.assign(verdict=verdicts["verdict"].map(lambda v: f"**{v}**"))
-        parts.append(table[["claim", "statement", "paper", "ours", "verdict", "notebook"]].to_markdown(index=False))
-        parts.append("## Details")
-        parts.extend(f"* **{r.claim}** ({r.notebook}): {r.detail}" for r in verdicts.itertuples())
-    untested = [c for c in CLAIMS if c not in set(verdicts["claim"])]
+        parts.append(verdict_table(verdicts).to_markdown(index=False))
+        parts.append("## Rules and conditions")
+        for stage, v in verdicts:
+            parts.append(f"### {v.claim}: {v.subject} ({stage})")
+            parts.append(f"**{v.outcome}.** Rule: {v.rule}")
+            if v.conditions:
+                parts.append(pd.DataFrame([_condition_row(c) for c in v.conditions]).to_markdown(index=False))
+    untested = untested_claims(verdicts)
     if untested:
         parts.append("Not tested in this build: " + ", ".join(f"{c} ({CLAIMS[c]})" for c in untested))
     return "\n\n".join(parts) + "\n"
+

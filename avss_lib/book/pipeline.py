@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from avss_lib.core.artifacts import done_record, started_record
 from avss_lib.core.errors import AvssError, ConfigError
 from avss_lib.book.claims import claims_markdown
 from avss_lib.core.io import atomic_path, read_json, write_json
@@ -202,9 +203,9 @@ def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
     for module in library_modules(notebook):
         h.update(str(module.relative_to(REPO_ROOT)).encode() + module.read_bytes())
     for upstream in NOTEBOOKS[notebook]:
-        h.update(read_json(run_dir / upstream / "_done.json")["fingerprint"].encode())
+        h.update(read_json(done_record(run_dir, upstream))["fingerprint"].encode())
     for upstream in OPTIONAL_UPSTREAM.get(notebook, ()):
-        done = run_dir / upstream / "_done.json"
+        done = done_record(run_dir, upstream)
         if done.is_file():
             h.update(upstream.encode() + read_json(done)["fingerprint"].encode())
     return h.hexdigest()
@@ -220,8 +221,8 @@ def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force:
     """
     out_dir = run_dir / notebook
     executed = run_dir / "executed" / f"{notebook}.ipynb"
-    done_file = out_dir / "_done.json"
-    started_file = out_dir / "_started.json"
+    done_file = done_record(run_dir, notebook)
+    started_file = started_record(run_dir, notebook)
     fingerprint = _fingerprint(notebook, params, run_dir)
     if not force and done_file.is_file() and executed.is_file():
         if read_json(done_file).get("fingerprint") == fingerprint:

@@ -1,19 +1,21 @@
 """Calibration text: which samples the activation statistics are computed on, and how they are batched.
 
 By default the samples are WikiText-2 paragraphs (non-empty lines that are not ``= Heading =`` lines), a
-seeded subset kept in file order, each truncated to ``max_length`` tokens.
+seeded subset kept in file order, each truncated to ``max_length`` tokens. Chapter 01 records the set it used
+(:func:`calibration_record`, the ``calibration.json`` artifact) and later chapters rebuild the very same
+batches from that record (:func:`calibration_batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.benchmarks import load_wikitext2_text, subsample
-from avss_lib.core.errors import ConfigError
+from avss_lib.core.errors import ConfigError, DataError
 
 PADDING_MODES = ("longest", "max_length")
 CALIBRATION_DATASETS = ("wikitext2",)
@@ -70,3 +72,32 @@ def make_batches(
         ]
     finally:
         tokenizer.padding_side = side
+
+
+def calibration_record(provenance: Mapping[str, Any], batches: Sequence[Mapping[str, Tensor]], *, max_length: int,
+                       batch_size: int, padding: str, statistics: Mapping[str, Any]) -> dict[str, Any]:
+    """What chapter 01 calibrated on: the texts' provenance (data set, split, samples, seed, file hash), how they
+    were tokenised and batched, the token counts, and which ``statistics`` (sites, thresholds) were collected."""
+    return {**provenance, "max_length": max_length, "batch_size": batch_size, "padding": padding,
+            "n_batches": len(batches), "n_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            "statistics": dict(statistics)}
+
+
+def calibration_batches(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, data_root: str | None,
+                        n_samples: int | None = None) -> list[dict[str, Tensor]]:
+    """The batches of a :func:`calibration_record`, rebuilt; ``n_samples`` keeps only the first samples (a prefix
+    of the same tokens). Raises :class:`DataError` when the calibration file's sha256 differs from the recorded one.
+    """
+    texts, provenance = load_calibration_texts(record["benchmark"], record["split"], record["n_samples"],
+                                               record["seed"], data_root)
+    expected, found = record.get("sha256"), provenance.get("sha256")
+    if expected and found and expected != found:
+        raise DataError(f"the calibration file differs from the one chapter 01 used ({found} vs {expected}): "
+                        "point data_root at the same data, or re-run chapter 01")
+    if n_samples is not None:
+        if not 1 <= n_samples <= len(texts):
+            raise ConfigError(f"n_samples={n_samples} but chapter 01 used {len(texts)} calibration samples: "
+                              f"choose 1..{len(texts)} (or None for all)")
+        texts = texts[:n_samples]
+    return make_batches(tokenizer, texts, max_length=record["max_length"], batch_size=record["batch_size"],
+                        padding=record["padding"])

@@ -69,6 +69,26 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+#: Where each family normalises inside a decoder block. "pre": a norm before attention and before the MLP, so
+#: the block output is the un-normalised residual stream; "pre+post": Gemma-2/3 also normalise each
+#: sub-layer's output before adding it to the residual stream; "post": a norm after each residual addition.
+NORM_PLACEMENT: dict[str, str] = {
+    "llama": "pre", "mistral": "pre", "qwen2": "pre", "qwen3": "pre", "gemma": "pre", "phi3": "pre", "phi": "pre",
+    "gpt2": "pre", "gpt_neox": "pre", "gemma2": "pre+post", "gemma3_text": "pre+post",
+}
+
+
+def norm_placement(config: object) -> str:
+    """``"pre"``, ``"pre+post"`` or ``"post"`` for a supported config (OPT: by its ``do_layer_norm_before``)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "opt":
+        return "pre" if getattr(config, "do_layer_norm_before", True) else "post"
+    if model_type not in NORM_PLACEMENT:
+        raise ModelSpecError(f"no norm placement recorded for model_type={model_type!r}: add it to "
+                             "avss_lib.core.layers.NORM_PLACEMENT")
+    return NORM_PLACEMENT[model_type]
+
+
 def find_layers(model: nn.Module) -> DecoderLayers:
     """Return the decoder layers of a Hugging Face causal LM.
 

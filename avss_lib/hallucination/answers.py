@@ -34,9 +34,10 @@ from transformers import PreTrainedTokenizerBase
 from avss_lib.core.answer_matching import LABEL_CONVENTIONS
 from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark, subsample
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import PROMPTS, evaluate_task, score_multiple_choice
-from avss_lib.hallucination.eavss import check_class_sizes
+from avss_lib.core.harness import score_multiple_choice
 from avss_lib.core.metrics import bootstrap_ci, choice_probabilities, expected_calibration_error
+from avss_lib.core.tasks import PROMPTS, evaluate_task
+from avss_lib.hallucination.group_stats import check_class_sizes
 
 #: Benchmarks this module answers (the EAVSS paper's five QA sets).
 DATASETS: tuple[str, ...] = ("nq_open", "triviaqa", "sciq", "truthfulqa_mc", "wikiqa")

@@ -1,7 +1,8 @@
 r"""HSAV, HSS and EAVSS: our operationalisation of hallucination-specific variance and sparsity.
 
 The EAVSS paper (arXiv 2411.10069) publishes no formula for HSAV, HSS or EAVSS; the definitions below are
-ours, and the book quotes them from here. Every statistic is computed per activation site *s* and layer
+ours (chapter 04 states them with its run's settings), and this module is the one place they are
+implemented. Every statistic is computed per activation site *s* and layer
 :math:`\ell`, separately on the hallucinated examples (group :math:`H`) and the correct ones (group
 :math:`C`).
 
@@ -50,59 +51,35 @@ not differ and rewards layers whose sparsity carries no signal. (iv) The AVSS no
 (dividing by :math:`\sum_\ell`) is not applied: in the contrast it only adds a per-site constant
 :math:`\log(\sum V_H / \sum V_C)` dominated by the massive-activation layers.
 
-**Per-example sufficient statistics** (the collector's per-example table; one row per example, site and
-layer; every example must have every site and layer):
-
-============== ===========================================================================================
-column         meaning (over the example's valid, i.e. unmasked, activation entries :math:`a_j`)
-============== ===========================================================================================
-example_id     identifier matching the labels' index
-site, layer    activation site name and layer index
-n              number of valid entries (valid tokens x hidden units)
-sum            :math:`\sum_j a_j`
-m2             :math:`\sum_j (a_j - \bar a)^2`, centred on the example's own mean (numerically stable)
-sum_abs        :math:`\sum_j |a_j|`
-n_tokens       number of valid tokens
-pooled_var     variance over hidden units of the example's mean over valid tokens (same ddof as the
-               collector's ``pooled_var_masked``: torch's default, unbiased)
-below_abs_<e>  count of entries with :math:`|a_j| < e`, e.g. ``below_abs_1e-05``
-below_rel_<t>  count of entries with :math:`|a_j| < t \cdot \sigma_{\mathrm{ref}}`, e.g. ``below_rel_0.01``,
-               where :math:`\sigma_{\mathrm{ref}}` is the element standard deviation of that site and layer
-               over **all** examples of the data set (label-free, so the same threshold serves H, C and
-               every permuted labelling)
-============== ===========================================================================================
-
-Group statistics for any labelling are then sums over examples (the parallel / Chan combination of
-variances), so the permutation null recomputes them with one matrix product per column.
+Group statistics are sums over the per-example sufficient statistics of
+:mod:`avss_lib.hallucination.group_stats`; the permutation null and split-half stability of the score are in
+:mod:`avss_lib.hallucination.null_and_stability`, the rankings built from it in
+:mod:`avss_lib.hallucination.layer_rankings`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
-from sklearn.model_selection import StratifiedShuffleSplit
 
 from avss_lib.core.errors import ConfigError, DataError
-
-#: Columns every per-example sufficient-statistics table must have (plus any ``below_*`` counts).
-SUFFICIENT_STAT_COLUMNS: tuple[str, ...] = (
-    "example_id", "site", "layer", "n", "sum", "m2", "sum_abs", "n_tokens", "pooled_var",
+from avss_lib.hallucination.group_stats import (
+    Arrays,
+    ClassSizeCheck,
+    SmallClassWarning,
+    check_class_sizes,
+    example_cube,
+    group_stats,
 )
-_BELOW_PREFIXES = ("below_abs_", "below_rel_")
+from avss_lib.hallucination.layer_rankings import rank_scores
+
 CONTRASTS = ("log_ratio", "std_diff")
 COMBINES = ("difference", "sum_abs")
 RANK_BY = ("abs", "signed")
-
-Arrays = dict[str, np.ndarray]
-
-
-class SmallClassWarning(UserWarning):
-    """A class (hallucinated or correct) has fewer examples than the study's minimum."""
 
 
 @dataclass(frozen=True)
@@ -147,29 +124,6 @@ class EavssConfig:
 
 
 @dataclass(frozen=True)
-class ClassSizeCheck:
-    """Class sizes of one labelled data set against the minimum ``min_class``."""
-
-    n_hallucinated: int
-    n_correct: int
-    min_class: int
-
-    @property
-    def ok(self) -> bool:
-        """True when both classes have at least ``min_class`` examples."""
-        return min(self.n_hallucinated, self.n_correct) >= self.min_class
-
-    @property
-    def message(self) -> str:
-        """One readable line: the sizes and, if too small, what to do."""
-        sizes = f"{self.n_hallucinated} hallucinated vs {self.n_correct} correct examples"
-        if self.ok:
-            return f"{sizes} (minimum {self.min_class}): usable"
-        return (f"{sizes}, below the minimum of {self.min_class} per class: exclude this data set from "
-                "pooled rankings, or label more examples")
-
-
-@dataclass(frozen=True)
 class EavssResult:
     """EAVSS per (site, layer) and the class-size check it was computed under.
 
@@ -185,170 +139,6 @@ class EavssResult:
     def usable(self) -> bool:
         """Whether this data set may enter pooled rankings."""
         return self.class_sizes.ok
-
-
-@dataclass(frozen=True)
-class PermutationResult:
-    """Label-permutation null of the EAVSS score.
-
-    Attributes:
-        observed: observed score per (site, layer).
-        null: null scores, one row per permutation, one column per (site, layer).
-        p_value: per-layer p-value, (1 + number of null scores >= observed) / (n_perm + 1).
-        p_value_max: family-wise p-value within each site (max-statistic / Westfall-Young single step):
-            the null of each permutation is the maximum score over the site's layers.
-        class_sizes: the class-size check of the observed labels.
-    """
-
-    observed: pd.Series
-    null: pd.DataFrame
-    p_value: pd.Series
-    p_value_max: pd.Series
-    class_sizes: ClassSizeCheck
-
-
-# ---------------------------------------------------------------------------------------------- input
-
-
-@dataclass(frozen=True)
-class _Cube:
-    """Per-example statistics as (rows = (site, layer), examples) arrays, plus the aligned labels."""
-
-    keys: pd.MultiIndex
-    columns: Arrays
-    labels: np.ndarray  # bool, True = hallucinated, aligned with the example axis
-
-
-def _below_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith(_BELOW_PREFIXES)]
-
-
-def _check_labels(labels: pd.Series) -> None:
-    if not isinstance(labels, pd.Series) or not pd.api.types.is_bool_dtype(labels.dtype):
-        raise DataError("labels must be a boolean pandas Series indexed by example_id "
-                        "(True = hallucinated): build it with pd.Series(flags, index=ids, dtype=bool)")
-
-
-def _cube(example_stats: pd.DataFrame, labels: pd.Series) -> _Cube:
-    """Validate the per-example table and reshape it into (site-layer, example) arrays."""
-    missing = [c for c in SUFFICIENT_STAT_COLUMNS if c not in example_stats.columns]
-    if missing:
-        raise DataError(f"per-example statistics lack columns {missing}: emit the columns listed in "
-                        "avss_lib.hallucination.eavss.SUFFICIENT_STAT_COLUMNS")
-    _check_labels(labels)
-    frame = example_stats.sort_values(["site", "layer", "example_id"], kind="stable")
-    ids = np.sort(frame["example_id"].unique())
-    keys = pd.MultiIndex.from_frame(frame[["site", "layer"]].drop_duplicates())
-    if frame.duplicated(["example_id", "site", "layer"]).any() or len(frame) != len(keys) * len(ids):
-        raise DataError("per-example statistics must have exactly one row per (example_id, site, layer) "
-                        "for every example: drop duplicates and re-collect incomplete examples")
-    if (frame["n"] <= 0).any():
-        raise DataError("per-example statistics have rows with n <= 0: drop examples with no valid tokens")
-    aligned = labels.reindex(ids)
-    if aligned.isna().any():
-        raise DataError(f"labels lack {int(aligned.isna().sum())} example_ids of the statistics table "
-                        f"(e.g. {list(ids[aligned.isna().to_numpy()][:3])}): label every example")
-    numeric = list(SUFFICIENT_STAT_COLUMNS[3:]) + _below_columns(frame)
-    shape = (len(keys), len(ids))
-    columns = {c: frame[c].to_numpy(dtype=np.float64).reshape(shape) for c in numeric}
-    return _Cube(keys, columns, aligned.to_numpy(dtype=bool))
-
-
-def check_class_sizes(labels: pd.Series, min_class: int = 30) -> ClassSizeCheck:
-    """Count hallucinated (True) and correct (False) examples against ``min_class``."""
-    _check_labels(labels)
-    n_h = int(labels.sum())
-    return ClassSizeCheck(n_hallucinated=n_h, n_correct=len(labels) - n_h, min_class=min_class)
-
-
-# ------------------------------------------------------------------------------ sufficient statistics
-
-
-def _per_example_values(col: Arrays) -> Arrays:
-    """Each group statistic's per-example counterpart (for std_diff), shape (rows, examples)."""
-    values = {
-        "elem_var": col["m2"] / col["n"],
-        "pooled_var_masked": col["pooled_var"],
-        "mean_abs": col["sum_abs"] / col["n"],
-    }
-    for name in col:
-        if name.startswith("below_"):
-            values["sparsity_" + name.removeprefix("below_")] = col[name] / col["n"]
-    return values
-
-
-def _additive(cube: _Cube) -> tuple[Arrays, Arrays]:
-    """Columns whose sums over a group's examples determine every group statistic, and their centres.
-
-    Element means and per-example values are centred on their label-free overall mean, so that the
-    between-example variance term never subtracts two large numbers.
-    """
-    col = cube.columns
-    centre = {"elem": col["sum"].sum(axis=1, keepdims=True) / col["n"].sum(axis=1, keepdims=True)}
-    dev = col["sum"] / col["n"] - centre["elem"]
-    add = {
-        "count": np.ones_like(col["n"]),
-        "n": col["n"],
-        "dev_sum": col["n"] * dev,
-        "dev_sq": col["n"] * dev**2,
-        **{c: col[c] for c in col if c not in ("n", "sum")},
-    }
-    for name, x in _per_example_values(col).items():
-        centre[name] = x.mean(axis=1, keepdims=True)
-        add[f"x:{name}"] = x - centre[name]
-        add[f"xx:{name}"] = (x - centre[name]) ** 2
-    return add, centre
-
-
-def _group_stats_arrays(add: Arrays, centre: Arrays, members: np.ndarray) -> Arrays:
-    """Group statistics, shape (rows, labellings), for a (labellings, examples) 0/1 membership matrix."""
-    s = {name: a @ members.T for name, a in add.items()}
-    n_ex, n = s["count"], s["n"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stats = {
-            "n_examples": n_ex,
-            "n_tokens": s["n_tokens"],
-            "elem_mean": centre["elem"] + s["dev_sum"] / n,
-            "elem_var": (s["m2"] + s["dev_sq"] - s["dev_sum"] ** 2 / n) / n,
-            "pooled_var_masked": s["pooled_var"] / n_ex,
-            "mean_abs": s["sum_abs"] / n,
-        }
-        for name in add:
-            if name.startswith("below_"):
-                stats["sparsity_" + name.removeprefix("below_")] = s[name] / n
-        for name in (k.removeprefix("x:") for k in add if k.startswith("x:")):
-            stats[f"{name}_ex_mean"] = centre[name] + s[f"x:{name}"] / n_ex
-            stats[f"{name}_ex_var"] = (s[f"xx:{name}"] - s[f"x:{name}"] ** 2 / n_ex) / (n_ex - 1)
-    return stats
-
-
-def _frame(keys: pd.MultiIndex, stats: Arrays) -> pd.DataFrame:
-    """One group's statistics (single labelling) in the collector's row format."""
-    frame = keys.to_frame(index=False)
-    for name, values in stats.items():
-        frame[name] = values[:, 0]
-    return frame
-
-
-def group_stats(example_stats: pd.DataFrame, labels: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hallucinated and correct group statistics from per-example sufficient statistics.
-
-    Returns ``(h, c)``: one row per (site, layer), in the collector's column format (``n_tokens``,
-    ``elem_mean``, ``elem_var`` (ddof 0), ``pooled_var_masked``, ``mean_abs``, ``sparsity_abs_<e>``,
-    ``sparsity_rel_<t>``), plus ``n_examples`` and, for each statistic, ``<stat>_ex_mean`` and
-    ``<stat>_ex_var`` (mean and ddof-1 variance of its per-example values, NaN for a one-example group;
-    used by ``std_diff``). ``labels`` is a boolean Series indexed by example_id, True = hallucinated.
-    """
-    cube = _cube(example_stats, labels)
-    if cube.labels.all() or not cube.labels.any():
-        raise DataError("one class is empty, so its group statistics are undefined: use eavss_table, "
-                        "which flags such data sets, or label examples of both classes")
-    add, centre = _additive(cube)
-    members = np.stack([cube.labels, ~cube.labels]).astype(np.float64)
-    stats = _group_stats_arrays(add, centre, members)
-    h = _frame(cube.keys, {k: v[:, :1] for k, v in stats.items()})
-    c = _frame(cube.keys, {k: v[:, 1:] for k, v in stats.items()})
-    return h, c
 
 
 # ----------------------------------------------------------------------------------------- contrasts
@@ -401,7 +191,7 @@ def _score(eavss_values: np.ndarray, rank_by: str) -> np.ndarray:
     return np.abs(eavss_values) if rank_by == "abs" else eavss_values
 
 
-def _scores(h: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], config: EavssConfig) -> Arrays:
+def eavss_scores(h: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], config: EavssConfig) -> Arrays:
     """HSAV, HSS, EAVSS and the ranking score from two groups' statistics (any matching shapes)."""
     hsav_values = _hsav(h, c, config.variance, config.contrast)
     hss_values = _hss(h, c, config.sparsity, config.contrast, config.delta)
@@ -446,7 +236,7 @@ def hss(h: pd.DataFrame, c: pd.DataFrame, contrast: str = "log_ratio",
 def eavss_from_groups(h: pd.DataFrame, c: pd.DataFrame, config: EavssConfig = EavssConfig()) -> pd.DataFrame:
     """HSAV, HSS, EAVSS, score and within-site rank per (site, layer) from two group frames."""
     index, h_a, c_a = _aligned(h, c)
-    table = pd.DataFrame(_scores(h_a, c_a, config), index=index)
+    table = pd.DataFrame(eavss_scores(h_a, c_a, config), index=index)
     table["rank"] = rank_scores(table["score"])
     return table
 
@@ -463,127 +253,8 @@ def eavss_table(example_stats: pd.DataFrame, labels: pd.Series,
     if not sizes.ok:
         warnings.warn(sizes.message, SmallClassWarning, stacklevel=2)
     if min(sizes.n_hallucinated, sizes.n_correct) < 2:
-        keys = _cube(example_stats, labels).keys
+        keys = example_cube(example_stats, labels).keys
         nan = pd.DataFrame(np.nan, index=keys, columns=["hsav", "hss", "eavss", "score", "rank"])
         return EavssResult(nan, sizes)
     h, c = group_stats(example_stats, labels)
     return EavssResult(eavss_from_groups(h, c, config), sizes)
-
-
-# ---------------------------------------------------------------------------------------- rankings
-
-
-def rank_scores(scores: pd.Series) -> pd.Series:
-    """Rank 1 = highest score, within each site when the index has a ``site`` level (ties averaged)."""
-    if "site" in (scores.index.names or []):
-        return scores.groupby(level="site").rank(ascending=False, method="average")
-    return scores.rank(ascending=False, method="average")
-
-
-def top_k_layers(scores: pd.Series, k: int) -> list[Hashable]:
-    """The index labels of the ``k`` highest scores (ties broken by index order)."""
-    if not 1 <= k <= len(scores):
-        raise ConfigError(f"k={k} must be between 1 and the number of layers ({len(scores)})")
-    return list(scores.sort_index().sort_values(ascending=False, kind="stable").index[:k])
-
-
-def rank_stability(rank_a: pd.Series, rank_b: pd.Series) -> float:
-    """Spearman's rho between two rankings (or scores) of the same layers, aligned on the index."""
-    if not rank_a.index.sort_values().equals(rank_b.index.sort_values()):
-        raise DataError("the two rankings cover different layers: compare rankings of the same site and layers")
-    rho = spearmanr(rank_a.to_numpy(), rank_b.loc[rank_a.index].to_numpy()).statistic
-    return float(rho)
-
-
-def pool_rankings(per_dataset_scores: Mapping[str, pd.Series], excluded: Collection[str] = ()) -> pd.DataFrame:
-    """Mean rank across the included data sets (rank 1 = most hallucination-prone).
-
-    Returns one column of ranks per included data set, ``mean_rank`` and ``n_datasets``, sorted by
-    ``mean_rank``. Data sets named in ``excluded`` (e.g. those with ``not result.usable``) are left out.
-    """
-    unknown = set(excluded) - set(per_dataset_scores)
-    if unknown:
-        raise ConfigError(f"excluded data sets {sorted(unknown)} are not among the scores: check their names")
-    included = {name: s for name, s in per_dataset_scores.items() if name not in excluded}
-    if not included:
-        raise DataError("every data set is excluded from pooling: label more examples or lower min_class")
-    ranks = pd.DataFrame({name: rank_scores(s) for name, s in included.items()})
-    if ranks.isna().any().any():
-        raise DataError("the included data sets score different layers (or NaN scores): pool only "
-                        "data sets scored on the same sites and layers, and exclude flagged ones")
-    ranks["mean_rank"] = ranks[list(included)].mean(axis=1)
-    ranks["n_datasets"] = len(included)
-    return ranks.sort_values("mean_rank", kind="stable")
-
-
-# ------------------------------------------------------------------------------------ null and halves
-
-
-def _scores_for_memberships(cube: _Cube, h_members: np.ndarray, config: EavssConfig) -> np.ndarray:
-    """Scores, shape (rows, labellings), for (labellings, examples) boolean H-membership rows."""
-    add, centre = _additive(cube)
-    h = _group_stats_arrays(add, centre, h_members.astype(np.float64))
-    c = _group_stats_arrays(add, centre, (~h_members).astype(np.float64))
-    return _scores(h, c, config)["score"]
-
-
-def permutation_eavss(example_stats: pd.DataFrame, labels: pd.Series, config: EavssConfig = EavssConfig(),
-                      n_perm: int = 1000, seed: int = 0) -> PermutationResult:
-    """Permutation null of the EAVSS score: shuffle the labels ``n_perm`` times (class sizes kept).
-
-    Group statistics of every shuffled labelling are sums of the per-example sufficient statistics, so
-    the whole null costs one matrix product per statistic. Raises when a class has fewer than 2 examples
-    (nothing to permute); flags (``class_sizes.ok``) when below ``config.min_class``.
-    """
-    if n_perm < 1:
-        raise ConfigError(f"n_perm={n_perm} must be at least 1 (use >= 999 for p-values near 0.001)")
-    sizes = check_class_sizes(labels, config.min_class)
-    if min(sizes.n_hallucinated, sizes.n_correct) < 2:
-        raise DataError(f"{sizes.message}; a permutation null needs at least 2 per class")
-    if not sizes.ok:
-        warnings.warn(sizes.message, SmallClassWarning, stacklevel=2)
-    cube = _cube(example_stats, labels)
-    rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(cube.labels) for _ in range(n_perm)])
-    observed = _scores_for_memberships(cube, cube.labels[None, :], config)[:, 0]
-    null = _scores_for_memberships(cube, shuffled, config).T  # (n_perm, rows)
-    p_value = (1 + (null >= observed).sum(axis=0)) / (n_perm + 1)
-    null_frame = pd.DataFrame(null, columns=cube.keys)
-    site_max = null_frame.T.groupby(level="site").max().T  # (n_perm, sites)
-    max_null = site_max[cube.keys.get_level_values("site")].to_numpy()
-    p_max = (1 + (max_null >= observed).sum(axis=0)) / (n_perm + 1)
-    return PermutationResult(
-        observed=pd.Series(observed, index=cube.keys, name="score"),
-        null=null_frame,
-        p_value=pd.Series(p_value, index=cube.keys, name="p_value"),
-        p_value_max=pd.Series(p_max, index=cube.keys, name="p_value_max"),
-        class_sizes=sizes,
-    )
-
-
-def split_half_stability(example_stats: pd.DataFrame, labels: pd.Series, config: EavssConfig = EavssConfig(),
-                         n_splits: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Spearman's rho between EAVSS scores on disjoint, label-stratified halves of the examples.
-
-    Returns one row per (split, site) with column ``rho``.
-    """
-    sizes = check_class_sizes(labels, config.min_class)
-    if min(sizes.n_hallucinated, sizes.n_correct) < 4:
-        raise DataError(f"{sizes.message}; split halves need at least 4 examples per class")
-    cube = _cube(example_stats, labels)
-    halves = StratifiedShuffleSplit(n_splits=n_splits, test_size=0.5, random_state=seed)
-    rows = []
-    for split, (first, _) in enumerate(halves.split(np.zeros(len(cube.labels)), cube.labels)):
-        in_first = np.zeros(len(cube.labels), dtype=bool)
-        in_first[first] = True
-        scores = [_half_scores(cube, mask, config) for mask in (in_first, ~in_first)]
-        for site in cube.keys.unique(level="site"):
-            rho = rank_stability(scores[0].xs(site, level="site"), scores[1].xs(site, level="site"))
-            rows.append({"split": split, "site": site, "rho": rho})
-    return pd.DataFrame(rows)
-
-
-def _half_scores(cube: _Cube, mask: np.ndarray, config: EavssConfig) -> pd.Series:
-    """Scores computed on the examples selected by ``mask`` only."""
-    sub = _Cube(cube.keys, {k: v[:, mask] for k, v in cube.columns.items()}, cube.labels[mask])
-    return pd.Series(_scores_for_memberships(sub, sub.labels[None, :], config)[:, 0], index=cube.keys)

@@ -1,4 +1,4 @@
-r"""Per-example activation statistics over chosen token positions, in :mod:`avss_lib.hallucination.eavss`'s format.
+r"""Per-example activation statistics over chosen token positions, in :mod:`avss_lib.hallucination.group_stats`' format.
 
 Each item is an example id, a *context* (the task prompt) and an *answer* (the model's generated answer, or
 the option it chose in a multiple-choice task). The pair is encoded the way lm-evaluation-harness encodes a
@@ -12,7 +12,7 @@ site_hooks`). Only the tokens chosen by ``position`` count:
   answer; the answer is not fed at all.
 
 For every (example, site, layer) the collector emits the sufficient statistics that
-:data:`avss_lib.hallucination.eavss.SUFFICIENT_STAT_COLUMNS` defines -- ``n`` (valid entries = tokens x hidden
+:data:`avss_lib.hallucination.group_stats.SUFFICIENT_STAT_COLUMNS` defines -- ``n`` (valid entries = tokens x hidden
 units), ``sum``, ``m2`` (centred on the example's own mean), ``sum_abs``, ``n_tokens``, ``pooled_var``
 (unbiased variance over hidden units of the example's mean over its chosen tokens) -- plus
 ``below_abs_<eps>`` counts (:math:`|a| < \varepsilon`) and ``below_rel_<tau>`` counts
@@ -41,9 +41,9 @@ from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.activation_stats import SITES, site_hooks
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import _encode, _pad_id, _prefix, default_add_bos, encode_pair, model_max_length
-from avss_lib.hallucination.eavss import SUFFICIENT_STAT_COLUMNS
+from avss_lib.core.harness import bos_prefix, default_add_bos, encode, encode_pair, model_max_length, pad_id
 from avss_lib.core.layers import find_layers
+from avss_lib.hallucination.group_stats import SUFFICIENT_STAT_COLUMNS
 
 POSITIONS: tuple[str, ...] = ("answer", "question_last")
 
@@ -106,7 +106,7 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[StatItem], 
     encoded, dropped = [], []
     for item in items:
         if position == "question_last":
-            ids = _prefix(tokenizer, add_bos) + _encode(tokenizer, item.context.rstrip())
+            ids = bos_prefix(tokenizer, add_bos) + encode(tokenizer, item.context.rstrip())
             if not ids:
                 raise DataError(f"example {item.example_id!r} has an empty prompt: nothing to measure")
             chosen = [len(ids) - 1]
@@ -293,7 +293,7 @@ def collect_example_stats(
         raise DataError(f"no item has a token at position={position!r} (all answers empty?): nothing to measure")
     was_training = model.training
     model.eval()
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     try:
         first = _Accumulator(abs_thresholds, rel_taus, feature_site, None, int(cache_mb * 2**20))
         order = _run_pass(model, encoded, first, sites, batch_size, pad, progress, "example statistics")

@@ -4,7 +4,8 @@ For each layer, a standardised L2-regularised logistic regression predicts the h
 that layer's per-example features (e.g. the mean-pooled or last-token activation); its quality is the
 cross-validated AUROC over stratified folds with a fixed seed. A layer whose activations carry
 hallucination information gets an AUROC well above 0.5; agreement between the probe's layer ranking and
-the EAVSS ranking is measured with :func:`avss_lib.hallucination.eavss.rank_stability`.
+the EAVSS ranking is Spearman's rho over layers (``probe_eavss_rho`` of
+:func:`avss_lib.hallucination.analysis.summary_table`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.hallucination.eavss import SmallClassWarning
+from avss_lib.hallucination.group_stats import SmallClassWarning
 
 
 def make_probe(c: float = 1.0, max_iter: int = 2000) -> Pipeline:

@@ -1,4 +1,4 @@
-r"""The contrastive objective for hallucination mitigation (STUDY.md §3), defined here and quoted by the book.
+r"""The contrastive objective for hallucination mitigation, defined here and stated in the book's ``book/method.md``.
 
 The EAVSS paper does not publish its contrastive loss, so the project defines its own.
 
@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.harness import pad_id
 
 LossKind = Literal["infonce", "margin"]
 LOSS_KINDS: tuple[str, ...] = ("infonce", "margin")
@@ -119,7 +120,7 @@ def encode_pairs(
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt and an answer: use >= 2")
     rows = [_encode_pair(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
-    return _pad_rows(rows, _pad_id(tokenizer))
+    return _pad_rows(rows, pad_id(tokenizer))
 
 
 def _encode_pair(
@@ -138,17 +139,9 @@ def _encode_pair(
     return prompt_ids + answer_ids, len(answer_ids)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Any valid id works for right padding under an attention mask; prefer pad, then eos."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
-def _pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> PairBatch:
+def _pad_rows(rows: list[tuple[list[int], int]], pad: int) -> PairBatch:
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     answer_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, (ids, n_answer) in enumerate(rows):

@@ -21,7 +21,6 @@ included, with :math:`|a| < \varepsilon`), ``abs:<eps>`` (valid entries only), `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,6 @@ from avss_lib.core.errors import ConfigError
 from avss_lib.core.layer_removal import layers_for_ratio
 
 VARIANCE_COLUMNS = {"pooled_padded": "pooled_var_padded", "pooled_masked": "pooled_var_masked", "element": "elem_var"}
-SELECTION_RULES = ("fixed_fraction", "cumulative_sorted", "authors_code")
 
 
 @dataclass(frozen=True)
@@ -186,6 +184,15 @@ def variant_by_name(name: str, variants: tuple[AvssVariant, ...] = DEFAULT_VARIA
     raise ConfigError(f"unknown AVSS variant {name!r}: choose from {', '.join(v.name for v in variants)}")
 
 
-def finite_or_none(x: float) -> float | None:
-    """A JSON-friendly float: ``None`` for inf/NaN."""
-    return x if math.isfinite(x) else None
+def lowest_avss_layers(scores: pd.DataFrame, variant: str, k: int) -> list[int]:
+    """The ``k`` least important layers of one variant (pruning ranks 1..k, ties by layer index), sorted.
+
+    ``scores`` is :func:`all_variant_scores`' table (the ``AVSS_SCORES`` artifact). With ``k`` equal to a
+    rule's count this is the ``fixed_fraction`` selection of :func:`selections`.
+    """
+    rows = scores[scores["variant"] == variant]
+    if rows.empty:
+        raise ConfigError(f"no AVSS variant {variant!r} was computed: choose one of {sorted(scores['variant'].unique())}")
+    if not 1 <= k <= len(rows):
+        raise ConfigError(f"k={k} layers requested but variant {variant!r} scores {len(rows)}: use 1 <= k <= {len(rows)}")
+    return sorted(int(i) for i in rows.sort_values("rank")["layer"].head(k))

@@ -1,4 +1,4 @@
-"""Layer-importance baselines that AVSS is measured against (STUDY.md §2), and pruning selection.
+"""Layer-importance baselines that AVSS is measured against (method chapter), and pruning selection.
 
 Every score follows one convention: one value per decoder layer, HIGHER = MORE IMPORTANT, so the layers
 to prune are those with the lowest scores (:func:`prune_order`, :func:`select_lowest`). A score is either a

@@ -74,3 +74,10 @@ def rank_heatmap(scores: pd.DataFrame) -> Figure:
     ax.set_ylabel("AVSS variant")
     fig.tight_layout()
     return fig
+
+
+def block_output_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """The block-output rows of the statistics (the site the authors hooked), one per layer."""
+    columns = ["layer", "n_tokens", "pooled_var_padded", "pooled_var_masked", "elem_var", "mean_abs"] + [
+        c for c in stats.columns if c.startswith("sparsity_")] + ["cos_mean", "cos_last"]
+    return stats[stats["site"] == "block_output"][columns].set_index("layer")

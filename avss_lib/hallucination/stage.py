@@ -1,0 +1,211 @@
+"""Stage 04 (hallucination-prone layers, claim E1) end to end: what chapter 04 runs.
+
+:func:`run_hallucination` lets the model answer the QA benchmarks (:mod:`avss_lib.hallucination.answers`),
+collects per-example activation statistics over the answers (:mod:`avss_lib.hallucination.example_stats`),
+analyses EAVSS per data set (:mod:`avss_lib.hallucination.analysis`), compares the pooled layers with
+notebook 02's lowest-AVSS layers, decides E1 (:mod:`avss_lib.hallucination.verdict`) and writes every
+artifact of the stage (:mod:`avss_lib.core.artifacts`, section 04). The chapter shows the
+:class:`HallucinationResult` it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from io import StringIO
+from typing import Any
+
+import pandas as pd
+import torch
+
+from avss_lib.core import artifacts as art
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.models import load_model, model_provenance
+from avss_lib.core.verdicts import Verdict, to_records
+from avss_lib.hallucination import prose
+from avss_lib.hallucination.analysis import (
+    DatasetAnalysis,
+    analyse_dataset,
+    pooled_top_k,
+    score_table,
+    summary_table,
+)
+from avss_lib.hallucination.answers import answer_benchmarks, answer_summary, hallucination_labels
+from avss_lib.hallucination.eavss import EavssConfig
+from avss_lib.hallucination.example_stats import ExampleStats, StatItem, collect_example_stats
+from avss_lib.hallucination.verdict import MIN_PROBE_RHO, MIN_RHO, e1_level, e1_verdicts
+from avss_lib.ranking.agreement import jaccard_matrix
+from avss_lib.ranking.avss import lowest_avss_layers
+
+
+@dataclass
+class HallucinationResult:
+    """What stage 04 computed: the tables and figures' inputs of chapter 04, and the settings its prose cites."""
+
+    config: EavssConfig
+    site: str
+    position: str
+    label_convention: str
+    n_requested: int | None
+    k: int
+    alpha: float
+    avss_variant: str
+    avss_rule: str
+    answers: pd.DataFrame  # the ANSWERS artifact
+    answer_summary: pd.DataFrame  # accuracy, CI, class sizes and ECE per data set and convention
+    measured: pd.DataFrame  # per data set: answers, measured, dropped (empty answer)
+    analyses: dict[str, DatasetAnalysis]
+    scores: pd.DataFrame  # the EAVSS_SCORES artifact
+    summary: pd.DataFrame  # the E1_SUMMARY artifact (index dataset)
+    pooled: list[int]
+    pooled_ranks: pd.DataFrame
+    excluded: list[str]
+    lowest_avss: list[int]
+    overlap: pd.DataFrame  # set, layers, jaccard_with_lowest_avss
+    verdicts: list[Verdict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Verdict:
+        """The E1 verdict (the rule gives one per site)."""
+        return self.verdicts[0]
+
+    def glue(self) -> dict[str, Any]:
+        """The numbers and phrases chapter 04's prose pastes (see :mod:`avss_lib.book.glue`)."""
+        v, c = self.verdict, self.config
+        pooled_row = self.overlap[self.overlap["set"] == f"top-{self.k} EAVSS, pooled"]
+        return {
+            "hal_site": self.site, "hal_where": prose.position_phrase(self.position),
+            "hal_variance": f"`{c.variance}`", "hal_sparsity": f"`{c.sparsity}`", "hal_delta": c.delta,
+            "hal_contrast": f"`{c.contrast}`", "hal_combine": f"`{c.combine}`", "hal_rank_by": f"`{c.rank_by}`",
+            "hal_min_class": c.min_class, "hal_k": self.k, "hal_label_convention": f"`{self.label_convention}`",
+            "hal_accuracy_list": prose.accuracy_list(self.answer_summary, self.label_convention),
+            "hal_empty_answers": prose.empty_answers_sentence(self.answer_summary, self.label_convention),
+            "hal_short_datasets": prose.short_datasets_sentence(self.answer_summary, self.label_convention,
+                                                                self.n_requested),
+            "hal_class_warnings": prose.class_size_warnings(self.answer_summary, self.label_convention, c.min_class),
+            "hal_alpha": self.alpha,
+            "hal_min_rho": _threshold(v, "stable", MIN_RHO), "hal_min_probe_rho": _threshold(v, "valid", MIN_PROBE_RHO),
+            "hal_level": e1_level(v), "hal_outcome": v.outcome,
+            "hal_n_usable": int(v.numbers["n_usable"]), "hal_n_pass_all": int(v.numbers["n_pass_all"]),
+            "hal_n_signal": int(v.numbers["n_signal"]),
+            "hal_excluded": prose.excluded_sentence(self.summary),
+            "hal_dataset_lines": prose.dataset_lines(v, self.summary),
+            "hal_pooled": prose.pooled_sentence(
+                self.pooled, self.lowest_avss,
+                float(pooled_row["jaccard_with_lowest_avss"].iloc[0]) if len(pooled_row) else float("nan")),
+            "hal_avss_variant": f"`{self.avss_variant}`", "hal_avss_rule": f"`{self.avss_rule}`",
+            **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
+        }
+
+
+def _threshold(verdict: Verdict, name: str, default: float) -> float:
+    """The threshold the rule used for condition ``name`` (the rule's default when no data set was usable)."""
+    found = [c.threshold for c in verdict.conditions if c.name == name and c.threshold is not None]
+    return found[0] if found else default
+
+
+def lowest_avss_for_rule(run_dir: art.RunDir, variant: str, rule: str) -> list[int]:
+    """Notebook 02's lowest-AVSS layers of ``variant``: as many as its ``rule`` selection prunes."""
+    selections = art.SELECTIONS.read(run_dir)
+    row = selections[(selections["variant"] == variant) & (selections["rule"] == rule)]
+    if len(row) != 1:
+        raise ConfigError(f"selections have no single row for variant={variant!r}, rule={rule!r}: choose from "
+                          f"{sorted(set(selections['variant']))} and {sorted(set(selections['rule']))}")
+    k = len(row["layers"].iloc[0])
+    return lowest_avss_layers(art.AVSS_SCORES.read(run_dir), variant, k) if k else []
+
+
+def overlap_table(analyses: dict[str, DatasetAnalysis], pooled: Sequence[int], lowest_avss: Sequence[int], k: int,
+                  lowest_label: str) -> pd.DataFrame:
+    """Each top-k set (per data set, pooled) and the lowest-AVSS set, with its Jaccard overlap with the latter.
+
+    The overlap is NaN for an empty top-k set (a data set whose scores are undefined, or no pooled ranking).
+    """
+    sets = {f"top-{k} EAVSS, {name}": list(a.top_k) for name, a in analyses.items()}
+    sets[f"top-{k} EAVSS, pooled"] = list(pooled)
+    sets[lowest_label] = list(lowest_avss)
+    jaccard = jaccard_matrix({name: set(layers) for name, layers in sets.items()})[lowest_label]
+    return pd.DataFrame([{"set": name, "layers": layers,
+                          "jaccard_with_lowest_avss": float(jaccard[name]) if layers or name == lowest_label
+                          else float("nan")} for name, layers in sets.items()])
+
+
+def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: str, data_root: Any,
+                      datasets: Sequence[str], n: int | None, label_convention: str, site: str, position: str,
+                      variance: str, sparsity: str, k: int, min_class: int, seeds: Sequence[int],
+                      seed_fraction: float, n_perm: int, n_splits: int, alpha: float, sciq_with_support: bool,
+                      wikiqa_scoring: str, avss_variant: str, avss_rule: str, batch_size: int,
+                      seed: int) -> HallucinationResult:
+    """Run stage 04 with chapter 04's parameters and write its artifacts to ``run_dir``.
+
+    Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``EXAMPLE_STATS``,
+    ``EAVSS_SCORES``, ``E1_SUMMARY``, ``EAVSS_LAYERS``, ``VERDICT_04`` and ``PROVENANCE_04``.
+    """
+    lowest_avss = lowest_avss_for_rule(run_dir, avss_variant, avss_rule)
+    config = EavssConfig(variance=variance, sparsity=sparsity, min_class=min_class)
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    timings["load_model"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(StringIO()):  # the harness's progress bars
+        answers, answer_settings = answer_benchmarks(
+            lm, tokenizer, datasets, n=n, seed=seed, data_root=data_root, label_convention=label_convention,
+            batch_size=batch_size, sciq_with_support=sciq_with_support, wikiqa_scoring=wikiqa_scoring)
+    timings["answers"] = time.perf_counter() - start
+    art.ANSWERS.write(answers, run_dir)
+    accuracy = answer_summary(answers, min_class=min_class, seed=seed)
+
+    sites = sorted({site, "block_output"})  # block_output: the probes' features
+    abs_eps = sorted({1e-5} | ({float(sparsity.removeprefix("sparsity_abs_"))}
+                               if sparsity.startswith("sparsity_abs_") else set()))
+    rel_taus = [float(sparsity.removeprefix("sparsity_rel_"))] if sparsity.startswith("sparsity_rel_") else []
+    collected: dict[str, ExampleStats] = {}
+    start = time.perf_counter()
+    for name in datasets:
+        rows = answers[answers["dataset"] == name]
+        items = [StatItem(r.id, r.prompt, r.prediction) for r in rows.itertuples()]
+        collected[name] = collect_example_stats(lm, tokenizer, items, position=position, sites=sites,
+                                                abs_thresholds=abs_eps, rel_taus=rel_taus, batch_size=batch_size)
+    timings["example_stats"] = time.perf_counter() - start
+    measured = pd.DataFrame([{"dataset": name, "answers": int((answers["dataset"] == name).sum()),
+                              "measured": len(c.example_ids), "dropped (empty answer)": len(c.dropped)}
+                             for name, c in collected.items()]).set_index("dataset")
+    example_stats = pd.concat([c.table.assign(dataset=name) for name, c in collected.items()], ignore_index=True)
+    art.EXAMPLE_STATS.write(example_stats, run_dir)
+
+    start = time.perf_counter()
+    analyses = {}
+    for name, c in collected.items():
+        labels = hallucination_labels(answers, name).loc[c.example_ids]
+        analyses[name] = analyse_dataset(name, c.table, labels, site, k, config=config, features=c.features,
+                                         feature_ids=c.example_ids, seeds=seeds, seed_fraction=seed_fraction,
+                                         n_perm=n_perm, n_splits=n_splits, seed=seed)
+    timings["analysis"] = time.perf_counter() - start
+    scores = score_table(analyses)
+    summary = summary_table(analyses, alpha=alpha)
+    art.EAVSS_SCORES.write(scores, run_dir)
+    art.E1_SUMMARY.write(summary.reset_index(), run_dir)
+
+    pooled, pooled_ranks, excluded = pooled_top_k(analyses, k)
+    overlap = overlap_table(analyses, pooled, lowest_avss, k, f"lowest AVSS ({avss_variant}, {avss_rule})")
+    art.EAVSS_LAYERS.write({"k": k, "site": site, "position": position, "label_convention": label_convention,
+                            "per_dataset": {name: a.top_k for name, a in analyses.items()}, "pooled": pooled,
+                            "excluded": excluded, "lowest_avss": lowest_avss, "avss_variant": avss_variant,
+                            "avss_rule": avss_rule}, run_dir)
+    verdicts = e1_verdicts(summary, alpha=alpha, min_class=min_class, site=site, position=position)
+    art.VERDICT_04.write(to_records(verdicts), run_dir)
+    art.PROVENANCE_04.write({"model": model_provenance(model), "answer_settings": answer_settings,
+                             "example_stats": {name: {**c.settings, "dropped": c.dropped}
+                                               for name, c in collected.items()},
+                             "timings_s": timings}, run_dir)
+    return HallucinationResult(
+        config=config, site=site, position=position, label_convention=label_convention, n_requested=n, k=k,
+        alpha=alpha, avss_variant=avss_variant, avss_rule=avss_rule, answers=answers,
+        answer_summary=accuracy, measured=measured,
+        analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
+        excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, timings=timings)

@@ -1,0 +1,168 @@
+"""Stage 05 (contrastive mitigation, claim E2) in one call: :func:`run_mitigation` writes every artifact of
+``<run_dir>/05_mitigation/`` and returns a :class:`MitigationResult` for the chapter's tables, figures and prose.
+
+The steps, in order: split chapter 04's answers by question and build the contrastive training examples
+(:mod:`avss_lib.mitigation.training_data`); choose each arm's layers and plan the runs
+(:mod:`avss_lib.mitigation.arms`); train and evaluate every run from the same base weights
+(:mod:`avss_lib.mitigation.runs`); score the arms and compare them (:mod:`avss_lib.mitigation.outcomes`);
+decide claim E2 (:mod:`avss_lib.mitigation.verdict`). The method is in the book's ``book/method.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, EAVSS_LAYERS,
+                                     PROVENANCE_04, PROVENANCE_05, RUN_METRICS, SPLIT, TRAIN_EXAMPLES, VERDICT_05,
+                                     RunDir)
+from avss_lib.core.models import load_model, model_provenance
+from avss_lib.core.verdicts import Verdict, to_records
+from avss_lib.mitigation import prose
+from avss_lib.mitigation.arms import MitigationSettings, arm_layers, plan_runs, runs_table
+from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
+from avss_lib.mitigation.runs import MitigationRuns, run_all
+from avss_lib.mitigation.tables import data_summary
+from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
+                                               perplexity_benchmark, split_answers, to_examples)
+from avss_lib.mitigation.verdict import e2_reading, e2_verdicts
+
+VERDICT_METRICS: tuple[str, ...] = ("accuracy", "ece")
+FAMILY_ALPHA = 0.05
+
+
+def upstream_eval_options(run_dir: RunDir) -> dict[str, Any]:
+    """The evaluation options chapter 04 answered with (label convention, SciQ support, WikiQA scoring).
+
+    Read from chapter 04's ``EAVSS_LAYERS`` and ``PROVENANCE_04`` (its ``answer_settings``); the defaults of
+    :func:`avss_lib.hallucination.answers.answer_benchmark` fill in whatever they do not record.
+    """
+    layers = EAVSS_LAYERS.read(run_dir)
+    answer_settings = PROVENANCE_04.read(run_dir).get("answer_settings") or {}
+    return {"label_convention": layers.get("label_convention", "exact_match"),
+            "sciq_with_support": bool((answer_settings.get("sciq") or {}).get("sciq_with_support", False)),
+            "wikiqa_scoring": (answer_settings.get("wikiqa") or {}).get("wikiqa_scoring", "pmi")}
+
+
+def load_upstream(run_dir: RunDir) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
+    """Chapter 04's answers and EAVSS layers, and chapter 02's AVSS scores (None when 02 was not run)."""
+    scores = AVSS_SCORES.read(run_dir) if AVSS_SCORES.exists(run_dir) else None
+    return ANSWERS.read(run_dir), EAVSS_LAYERS.read(run_dir), scores
+
+
+@dataclass
+class MitigationResult:
+    """What chapter 05 shows: its artifacts' frames, the verdict, and the numbers its prose quotes."""
+
+    settings: MitigationSettings
+    split: pd.DataFrame  # SPLIT
+    train_frame: pd.DataFrame  # TRAIN_EXAMPLES
+    data_table: pd.DataFrame  # per data set: split sizes, training questions used, held-out examples
+    arms: pd.DataFrame  # ARMS
+    runs: MitigationRuns  # RUNS, MITIGATION_PER_EXAMPLE, TRAIN_LOGS
+    table: pd.DataFrame  # ARM_METRICS
+    run_metrics: pd.DataFrame  # RUN_METRICS
+    comparisons: pd.DataFrame  # COMPARISONS
+    verdicts: list[Verdict]  # VERDICT_05
+    seconds: float  # wall time of the runs
+    seed: int
+    min_effect: float
+    layer_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def n_train_examples(self) -> int:
+        return int(self.train_frame["usable"].sum())
+
+    @property
+    def n_pairs(self) -> int:
+        """The (data set, metric) pairs the verdict tests (its Bonferroni family)."""
+        return len(self.split["dataset"].unique()) * len(VERDICT_METRICS)
+
+    def glue(self) -> dict[str, Any]:
+        """The numbers and data-dependent phrases of the chapter's markdown, by glue key."""
+        verdict = self.verdicts[0]
+        used = self.data_table["train: used (have negatives)"].to_dict()
+        return {
+            "seed": self.seed, "n_train_examples": self.n_train_examples,
+            "train_used_per_dataset": prose.counts_phrase(used),
+            "n_held_out": int(self.data_table["held-out evaluated"].sum()),
+            "budget": prose.budget_phrase(self.arms),
+            "runs_summary": prose.runs_phrase(self.runs.runs, self.seconds),
+            "open_qa": prose.open_qa_phrase(self.table),
+            "e2_reading": e2_reading(verdict.conditions), "e2_outcome": verdict.outcome,
+            "e2_level_pct": 100 * (1 - FAMILY_ALPHA / self.n_pairs), "e2_n_pairs": self.n_pairs,
+            "min_effect": self.min_effect,
+            "e2_comparisons": prose.comparison_phrase(verdict),
+            "e2_accuracy_magnitude": prose.magnitude_phrase(verdict, "accuracy"),
+            "e2_ece_magnitude": prose.magnitude_phrase(verdict, "ece"),
+            "e2_never_correct": prose.never_correct_phrase(self.table),
+        }
+
+
+def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: str = "float32",
+                   data_root: str | None = None, datasets: Sequence[str], eval_fraction: float = 0.5,
+                   n_eval: int | None = None, k: int, eavss_source: str = "pooled", avss_variant: str = "block_rel",
+                   arms: Sequence[str], steps: int, lr: float, batch_size: int = 4, lambda_con: float = 1.0,
+                   lambda_lm: float = 1.0, temperature: float = 1.0, loss: str = "infonce", max_negatives: int = 4,
+                   train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
+                   eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
+                   ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5, seed: int = 0,
+                   progress: bool = True) -> MitigationResult:
+    """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    answers, eavss_layers, avss_scores = load_upstream(run_dir)
+    eval_options = upstream_eval_options(run_dir)
+    settings = MitigationSettings(
+        k=k, steps=steps, lr=lr, lambda_con=lambda_con, lambda_lm=lambda_lm, temperature=temperature, loss=loss,
+        batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
+        max_negatives=max_negatives, train_max_length=train_max_length, eval_batch_size=eval_batch_size,
+        eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length, **eval_options)
+    split = split_answers(answers, datasets, eval_fraction=eval_fraction, seed=seed)
+    SPLIT.write(split, run_dir)
+    benchmarks = load_benchmarks(datasets, data_root)
+    train_frame = build_training_frame(answers, split, benchmarks, max_negatives=max_negatives)
+    TRAIN_EXAMPLES.write(train_frame, run_dir)
+    examples = to_examples(train_frame)
+    eval_sets = eval_benchmarks(split, benchmarks, n_eval=n_eval, seed=seed)
+    ppl = perplexity_benchmark(data_root, ppl_chars)
+
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    layer_sets = arm_layers(settings, lm.config.num_hidden_layers, eavss_layers, avss_scores, avss_variant,
+                            eavss_source, layer_seed=seed)
+    runs = plan_runs(settings, layer_sets)
+    budget = runs_table(runs, lm)
+    ARMS.write(budget, run_dir)
+    start = time.perf_counter()
+    results = run_all(lm, tokenizer, runs, examples, eval_sets, ppl, settings, run_dir, progress=progress)
+    seconds = time.perf_counter() - start
+
+    table = arm_table(results.per_example, n_resamples=n_bootstrap, seed=seed)
+    ARM_METRICS.write(table, run_dir)
+    run_metrics = summarise_runs(results.per_example, seed=seed, n_resamples=n_bootstrap)
+    RUN_METRICS.write(run_metrics, run_dir)
+    comp = comparisons(results.per_example, metrics=VERDICT_METRICS, family_alpha=FAMILY_ALPHA,
+                       min_effect=min_effect, n_resamples=n_bootstrap, seed=seed)
+    COMPARISONS.write(comp, run_dir)
+    verdicts = e2_verdicts(comp, table)
+    VERDICT_05.write(to_records(verdicts), run_dir)
+
+    data = {name: bench.provenance for name, bench in eval_sets.items()}
+    if "truthfulqa_gen" in benchmarks:  # the source of TruthfulQA's negatives
+        data["truthfulqa_gen"] = benchmarks["truthfulqa_gen"].provenance
+    if ppl is not None:
+        data["wikitext2"] = ppl.provenance
+    PROVENANCE_05.write({
+        "model": model_provenance(model), "data": data, "eval_options": eval_options,
+        "layers": {arm: [list(s) for s in sets] for arm, sets in layer_sets.items()},
+        "n_train_examples": len(examples), "torch_threads": torch.get_num_threads(),
+        "timings_s": {"runs": seconds, "stage": time.perf_counter() - started}}, run_dir)
+    return MitigationResult(settings=settings, split=split, train_frame=train_frame,
+                            data_table=data_summary(train_frame, split, eval_sets), arms=budget, runs=results,
+                            table=table, run_metrics=run_metrics, comparisons=comp, verdicts=verdicts,
+                            seconds=seconds, seed=seed, min_effect=min_effect, layer_sets=layer_sets)

@@ -1,0 +1,125 @@
+"""Stage 03's artifacts in the smoke run (see conftest.smoke_run), checked against each other, and the stage's
+upstream checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avss_lib.core import artifacts as art
+from avss_lib.core.errors import ConfigError
+from avss_lib.core.layer_removal import layers_for_ratio
+from avss_lib.pruning.plan import BASE_SET, set_id
+from avss_lib.pruning.stage import check_upstream
+from avss_lib.pruning.tasks import PRIMARY_METRIC
+from avss_lib.pruning.verdict import RETAINED, RETENTION_THRESHOLD, a1_outcome
+from avss_lib.testing.tiny_models import tiny_model
+from conftest import needs_data, stage_verdicts
+
+SMOKE_TASKS = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "truthfulqa_gen", "wikiqa", "sst2", "wikitext2"}
+PRIMARY = "avss:authors_code"
+
+
+def check_pruning_artifacts(run_dir: Path) -> None:
+    """Every artifact of stage 03 of a smoke-profile run, against the others and the smoke parameters."""
+    plan = art.PRUNED_SETS.read(run_dir)
+    results = art.RESULTS.read(run_dir)
+    per_example = art.PER_EXAMPLE.read(run_dir)
+    retention = art.RETENTION.read(run_dir)
+    provenance = art.PROVENANCE_03.read(run_dir)
+    n_layers = art.PROVENANCE_01.read(run_dir)["n_layers"]
+
+    # the plan: k = round(0.25 * 30) = 8 layers (and 15 at the curve's 0.5), named by their layers
+    assert provenance["n_layers"] == n_layers and provenance["k"] == layers_for_ratio(n_layers, 0.25) == 8
+    for row in plan.itertuples():
+        assert len(row.layers) == row.k == layers_for_ratio(n_layers, row.ratio) and row.set_id == set_id(row.layers)
+    assert set(plan["ratio"]) == {0.25, 0.5}
+    evaluated = set(results["set_id"])
+    assert evaluated <= {BASE_SET, *plan["set_id"]} and BASE_SET in evaluated
+    assert len(list(art.pruning_checkpoint_dir(run_dir).glob("*.pkl"))) == provenance["unique_sets"] == len(evaluated)
+
+    # retention: the unpruned row is the results' value; every other % follows from the per-example numbers
+    assert set(retention["task_key"]) == SMOKE_TASKS
+    assert {"unpruned", PRIMARY, "random", "last_k", "block_influence", "angular_distance", "delta_ppl"} <= set(
+        retention["method"])
+    value = results.set_index(["set_id", "task_key", "metric"])["value"]
+    for row in retention[retention["method"] != "random"].itertuples():
+        sid = BASE_SET if row.method == "unpruned" else row.set_ids
+        assert row.value == value[(sid, row.task_key, PRIMARY_METRIC[row.task])]
+        if row.method == "unpruned":
+            assert row.retention == row.retention_low == row.retention_high == 100.0 and row.low <= row.value <= row.high
+            continue
+        mine = per_example[(per_example["set_id"] == sid) & (per_example["task_key"] == row.task_key)]
+        base = per_example[(per_example["set_id"] == BASE_SET) & (per_example["task_key"] == row.task_key)]
+        if row.metric == "perplexity":
+            nll = mine["num"].sum() / mine["den"].sum() - base["num"].sum() / base["den"].sum()
+            assert row.retention == pytest.approx(100 * math.exp(-nll), rel=1e-9)
+            assert row.value == pytest.approx(math.exp(mine["num"].sum() / mine["den"].sum()), rel=1e-9)
+        else:  # a % of an unpruned score of 0 is NaN (0 / 0) or infinite
+            with np.errstate(divide="ignore", invalid="ignore"):
+                expected = 100 * np.float64(mine["num"].mean()) / np.float64(base["num"].mean())
+            assert row.retention == pytest.approx(expected, rel=1e-9, nan_ok=True)
+    assert set(retention.loc[retention["method"] == "random", "n_seeds"]) == {5}
+
+    # the comparison's verdicts follow from its intervals
+    comparison = art.COMPARISON.read(run_dir)
+    assert {"random", "last_k"} <= set(comparison["baseline"])
+    for row in comparison.itertuples():
+        expected = ({"better"} if row.low > 0 else {"worse"} if row.high < 0 else {"indistinguishable"})
+        assert row.verdict in expected | {"same set", "too few examples"}
+        assert row.low <= row.difference <= row.high
+
+    # the curve starts at the unpruned score, and the speed was measured on the primary set, best of 3 runs
+    curve = art.CURVE.read(run_dir)
+    for row in curve[curve["fraction_removed"] == 0].itertuples():
+        assert row.value == value[(BASE_SET, row.task_key, row.metric)]
+    speed = art.SPEED.read(run_dir)
+    primary_set = plan[(plan["method"] == PRIMARY) & (plan["ratio"] == 0.25)]["layers"].iloc[0]
+    assert speed["layers_removed"] == primary_set and speed["repeats"] == len(speed["times_pruned"]) == 3
+    assert speed["seconds_pruned"] == min(speed["times_pruned"])
+
+    # the precision check: the smoke profile evaluates in bfloat16, checked in float32 on the curve tasks
+    precision = art.PRECISION.read(run_dir)
+    assert set(precision["dtype"]) == {"bfloat16"} and set(precision["task_key"]) == {"wikitext2", "sciq"}  # the table's
+    for row in precision.itertuples():
+        assert row.value == value[(BASE_SET, row.task_key, row.metric)]
+        assert row.difference == pytest.approx(row.value - row.value_float32)
+
+    # the oracle ran on chapter 01's calibration batches (all 8 samples of the smoke profile)
+    calibration = art.CALIBRATION.read(run_dir)
+    assert provenance["oracle_calibration"] == {"n_batches": calibration["n_batches"], "n_tokens": calibration["n_tokens"]}
+    assert all(p["files"] and p["sha256"] for p in provenance["benchmarks"].values())
+    assert provenance["model"]["spec"] == "smollm2-135m-instruct"
+
+    # the verdicts record one condition per counted task, with the retention table's numbers
+    verdicts = stage_verdicts(run_dir, "03_pruning", "A1")
+    assert verdicts[0].subject == PRIMARY
+    counted = retention[retention["informative"]].drop_duplicates("task_key")["task_key"].tolist()
+    for v in verdicts:
+        rows = retention[retention["method"] == v.subject].set_index("task_key")
+        assert [c.group for c in v.conditions] == counted
+        for c in v.conditions:
+            r = rows.loc[c.group]
+            assert (c.name, c.value, c.low, c.high, c.threshold) == (
+                RETAINED, r["retention"], r["retention_low"], r["retention_high"], RETENTION_THRESHOLD)
+            assert c.met == (r["retention_low"] >= RETENTION_THRESHOLD)
+        assert v.outcome == a1_outcome(v.conditions)
+        assert v.numbers["retention"] == rows.loc[counted, "retention"].min()
+
+
+@pytest.mark.slow
+@needs_data
+def test_pruning_artifacts(smoke_run):
+    check_pruning_artifacts(smoke_run)
+
+
+def test_check_upstream_compares_model_spec_and_layers():
+    model = tiny_model("llama", 4)
+    check_upstream({"model": {"spec": "tiny"}, "n_layers": 4}, "tiny", model)
+    with pytest.raises(ConfigError, match="loads 'another'"):
+        check_upstream({"model": {"spec": "tiny"}, "n_layers": 4}, "another", model)
+    with pytest.raises(ConfigError, match="6 layers"):
+        check_upstream({"model": {"spec": "tiny"}, "n_layers": 6}, "tiny", model)
