@@ -48,8 +48,9 @@ def test_worked_selections():
     assert select_cumulative_sorted(norm, 0.5) == [0, 2]  # + 0.4255 would exceed 0.5
     # The published code sums in layer order before sorting: 0.0426, 0.468, ... so at 0.5 it prunes layer 1,
     # one of the two MOST important layers, and keeps layer 2, the second least important.
-    assert select_authors_code(norm, 0.25) == [0]
-    assert select_authors_code(norm, 0.5) == [0, 1]
+    variance, sparsity = s["variance"].to_numpy(), s["sparsity"].to_numpy()
+    assert select_authors_code(variance, sparsity, 0.25) == [0]
+    assert select_authors_code(variance, sparsity, 0.5) == [0, 1]
 
 
 def test_zero_sparsity_is_reported_not_hidden():
@@ -59,10 +60,24 @@ def test_zero_sparsity_is_reported_not_hidden():
     assert s["avss_norm"].isna().all()
     table = selections(s, ratio=0.25, threshold=0.25).set_index("rule")
     assert table.loc["fixed_fraction", "layers"] == [2]  # AVSS = [inf, 2.0, 0.5, 2.0]
-    assert table.loc["cumulative_sorted", "layers"] == [] and table.loc["authors_code", "layers"] == []
+    assert table.loc["cumulative_sorted", "layers"] == []
+    # The authors' pandas script: AVSS = [inf, 20, 5, 20], sum inf, normalised [NaN, 0, 0, 0], cumsum skips
+    # NaN -> [NaN, 0, 0, 0] <= 0.25: it prunes every layer with a non-zero sparsity and keeps layer 0.
+    assert table.loc["authors_code", "layers"] == [1, 2, 3]
     assert (table["n_undefined_scores"] == 1).all()
     smoothed = avss_scores(stats, AvssVariant("s", "block_output", "pooled_padded", "abs_padded:1e-05", delta=0.1))
     np.testing.assert_allclose(smoothed["avss"], np.array([0.1, 0.2, 0.3, 0.4]) / (np.array([0.0, 0.1, 0.6, 0.2]) + 0.1))
+
+
+def test_authors_rule_on_a_hand_made_table():
+    """Expected selections written out by hand from the script's pandas arithmetic."""
+    # AVSS = [2, 20, 5, 20] / 47 -> cumulative in layer order [.043, .468, .574, 1.0]: only layer 0 <= 0.25.
+    assert select_authors_code(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.1, 0.6, 0.2])) == [0]
+    # Two zero sparsities: inf/inf = NaN for both, 0 for the rest -> the two finite layers are pruned.
+    assert select_authors_code(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.0, 0.2, 0.0, 0.5])) == [1, 3]
+    # Variance and sparsity both 0: 0/0 = NaN is skipped by sum and cumsum; the rest is an ordinary prefix:
+    # AVSS [NaN, 2, 2, 4] / 8 -> cumulative [NaN, .25, .5, 1.0] -> layer 1 only.
+    assert select_authors_code(np.array([0.0, 1.0, 1.0, 2.0]), np.array([0.0, 0.5, 0.5, 0.5])) == [1]
 
 
 def test_fixed_fraction_flags_arbitrary_ties_at_infinity():

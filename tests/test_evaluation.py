@@ -15,7 +15,7 @@ import avss_lib.core.harness as ev
 import avss_lib.core.tasks as tasks
 from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.errors import ConfigError
-from avss_lib.core.metrics import byte_lengths, choice_probabilities, mc2_score
+from avss_lib.core.metrics import choice_lengths, choice_probabilities, mc2_score
 from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -125,9 +125,17 @@ def test_sciq_prompt_and_length_normalisation(tok: PreTrainedTokenizerFast, with
     expected = [ev.loglikelihood(model, tok, [(prompt, " " + c)])[0].logprob for c in first.choices]
     row = result.per_example.iloc[0]
     np.testing.assert_allclose(row["logliks"], expected, atol=1e-4)
-    norm = np.array(expected) / byte_lengths([" neon", " argon", " xenon", " oxygen"])  # 5, 6, 6, 7 bytes
+    norm = np.array(expected) / np.array([4, 5, 5, 6])  # "neon", "argon", "xenon", "oxygen": no delimiter
     assert row["prediction_norm"] == int(np.argmax(norm))
     assert row["correct_norm"] == (row["prediction_norm"] == 3)
+
+
+def test_acc_norm_divides_by_the_choice_length_without_the_delimiter() -> None:
+    """lm-evaluation-harness: argmax(ll / len(choice)); the scored " " delimiter is not counted."""
+    row = tasks._choice_row("x", ["a", "abc"], np.array([-2.0, -5.0]), gold=1)
+    assert row["prediction"] == 0  # -2 > -5
+    assert row["prediction_norm"] == 1  # -2/1 < -5/3; with the delimiter counted it would be -2/2 > -5/4 -> 0
+    assert row["correct_norm"] and not row["correct"]
 
 
 def test_truthfulqa_mc_scores(tok: PreTrainedTokenizerFast) -> None:
@@ -165,7 +173,7 @@ def test_wikiqa_ranking(tok: PreTrainedTokenizerFast, scoring: str) -> None:
         prior = [ev.loglikelihood(model, tok, [("Answer:", " " + s)])[0].logprob for s in q1.choices]
         expected = np.array(cond) - np.array(prior)
     else:
-        expected = np.array(cond) / byte_lengths([" " + s for s in q1.choices])
+        expected = np.array(cond) / choice_lengths(q1.choices)
     np.testing.assert_allclose(frame.loc[0, "scores"], expected, atol=1e-4)
     rank_of_first_correct = 1 + int(np.sum(expected > expected[[1, 2]].max()))
     assert frame.loc[0, "reciprocal_rank"] == pytest.approx(1 / rank_of_first_correct)

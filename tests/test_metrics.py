@@ -13,7 +13,7 @@ from avss_lib.core.metrics import (
     average_precision,
     bootstrap_ci,
     bootstrap_statistic_ci,
-    byte_lengths,
+    choice_lengths,
     choice_probabilities,
     expected_calibration_error,
     mc2_score,
@@ -72,9 +72,9 @@ def test_mc2_score_hand_examples() -> None:
         mc2_score([-1.0, -2.0], [0, 0])
 
 
-def test_choice_probabilities_and_byte_lengths() -> None:
+def test_choice_probabilities_and_lengths() -> None:
     np.testing.assert_allclose(choice_probabilities(np.log([1.0, 3.0])), [0.25, 0.75])
-    np.testing.assert_array_equal(byte_lengths([" ab", "é"]), [3.0, 2.0])
+    np.testing.assert_array_equal(choice_lengths([" ab", "é"]), [3.0, 1.0])  # characters, as lm-eval's len()
 
 
 def test_reciprocal_rank_and_average_precision() -> None:

@@ -110,9 +110,10 @@ def choice_probabilities(logliks: ArrayLike) -> np.ndarray:
     return np.exp(ll - logsumexp(ll))
 
 
-def byte_lengths(choices: Sequence[str]) -> np.ndarray:
-    """UTF-8 byte length of each choice string (the harness's ``acc_norm`` denominator)."""
-    return np.array([len(c.encode("utf-8")) for c in choices], dtype=float)
+def choice_lengths(choices: Sequence[str]) -> np.ndarray:
+    """Character length of each choice, without the target delimiter: lm-evaluation-harness's ``acc_norm``
+    denominator (``len(choice)`` in ``ConfigurableTask.process_results``, lm_eval 0.4.13)."""
+    return np.array([len(c) for c in choices], dtype=float)
 
 
 # ------------------------------------------------------------------------------ ranking (WikiQA)

@@ -11,7 +11,7 @@ Each task returns a :class:`TaskResult`; ``correct`` is the column that defines 
 - ``wikiqa`` — answer-sentence selection over questions with at least one correct sentence (the standard
   filtered WikiQA evaluation). Default ``scoring="pmi"``: ``log p(s | "Question: {q}\\nAnswer:") -
   log p(s | "Answer:")`` for each candidate ``s``, which removes the bias toward short, frequent
-  sentences; ``scoring="loglik_norm"`` ranks by log p(s | question prompt) per UTF-8 byte. Reports
+  sentences; ``scoring="loglik_norm"`` ranks by log p(s | question prompt) per character. Reports
   accuracy of the top-ranked sentence, MRR and MAP. Confidence = softmax of the scores over candidates.
 - ``nq_open`` — ``"Answer these questions:\\nQ: {question}?\\nA:"``; ``triviaqa`` —
   ``"Question: {question}?\\nAnswer:"`` (both verbatim from the harness, including its ``?``). Greedy,
@@ -24,8 +24,8 @@ Each task returns a :class:`TaskResult`; ``correct`` is the column that defines 
   default); the bootstrap CI resamples windows, which are not independent: read it as approximate.
 
 Multiple-choice confidence (for ECE) is the softmax over the choices' summed log-likelihoods at the chosen
-(``acc``) answer. ``acc_norm`` divides each log-likelihood by the UTF-8 byte length of the continuation
-(the harness's code uses ``len(str)``; identical for ASCII).
+(``acc``) answer. ``acc_norm`` divides each log-likelihood by the choice's character length without the leading space, as
+lm-evaluation-harness does (``len(choice)``; the space is the target delimiter, scored but not counted).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from avss_lib.core.metrics import (
     average_precision,
     bootstrap_ci,
     bootstrap_statistic_ci,
-    byte_lengths,
+    choice_lengths,
     choice_probabilities,
     expected_calibration_error,
     mc2_score,
@@ -129,7 +129,7 @@ def _settings(model: nn.Module, benchmark: Benchmark, **options: Any) -> dict[st
 def _choice_row(example_id: str, choices: Sequence[str], logliks: np.ndarray, gold: int) -> dict[str, Any]:
     """acc / acc_norm prediction, correctness and confidence for one multiple-choice example."""
     pred = int(np.argmax(logliks))
-    pred_norm = int(np.argmax(logliks / byte_lengths([" " + c for c in choices])))
+    pred_norm = int(np.argmax(logliks / choice_lengths(choices)))
     return {"id": example_id, "gold": gold, "prediction": pred, "prediction_norm": pred_norm,
             "correct": pred == gold, "correct_norm": pred_norm == gold,
             "confidence": float(choice_probabilities(logliks)[pred]), "logliks": logliks.tolist()}
@@ -219,7 +219,7 @@ def evaluate_wikiqa(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchm
                                       choices, desc="wikiqa prior", **kwargs)
         scores = [c - p for c, p in zip(conditional, prior)]
     else:
-        scores = [c / byte_lengths([" " + s for s in cs]) for c, cs in zip(conditional, choices)]
+        scores = [c / choice_lengths(cs) for c, cs in zip(conditional, choices)]
     rows = [_ranking_row(e, s) for e, s in zip(examples, scores)]
     frame = pd.DataFrame(rows)
     summary = {"acc": _mean_ci(frame["correct"], seed), "mrr": _mean_ci(frame["reciprocal_rank"], seed),

@@ -102,7 +102,7 @@ def avss_scores(stats: pd.DataFrame, variant: AvssVariant) -> pd.DataFrame:
     norm = score / total if np.isfinite(total) else np.full_like(score, np.nan)
     out = pd.DataFrame({
         "variant": variant.name, "layer": rows["layer"].to_numpy(), "variance": variance,
-        "variance_norm": variance_norm, "sparsity": sparsity, "avss": score, "avss_norm": norm,
+        "variance_norm": variance_norm, "sparsity": sparsity, "delta": variant.delta, "avss": score, "avss_norm": norm,
         "undefined": undefined,
     })
     out["rank"] = prune_rank(score)
@@ -133,16 +133,31 @@ def select_cumulative_sorted(norm_score: np.ndarray, threshold: float = 0.25) ->
     return sorted(int(i) for i in order[cumulative <= threshold])
 
 
-def select_authors_code(norm_score: np.ndarray, threshold: float = 0.25) -> list[int]:
-    """Exactly the published code: cumulative sum in *layer-index* order, taken before sorting (a bug).
+def select_authors_code(variance: np.ndarray, sparsity: np.ndarray, threshold: float = 0.25) -> list[int]:
+    """Exactly what the authors' script (``AVSS.py`` in their repository) prunes, inf and NaN included.
 
-    The selection is therefore a prefix of the shallowest layers whose mass reaches the threshold, whatever
-    their scores. With NaN scores (a zero sparsity) the comparison is false and nothing is selected.
+    The script computes ``AVSS = Variance / Sparsity`` with pandas, normalises by ``AVSS.sum()``, takes the
+    cumulative sum in *layer-index* order, then sorts by AVSS and keeps the rows whose cumulative mass is <=
+    the threshold. Two consequences follow from pandas' arithmetic, and both are reproduced here by running
+    the same pandas operations:
+
+    * the cumulative sum is taken before sorting (a bug): without zero sparsities the selection is a prefix of
+      the shallowest layers whose mass reaches the threshold, whatever their scores;
+    * a zero sparsity gives AVSS = inf, so the sum is inf, finite/inf = 0 and inf/inf = NaN; ``cumsum`` skips
+      NaN, so every layer with a non-zero sparsity has cumulative mass 0 and is pruned, and the layers with
+      infinite scores are kept.
+
+    Returns the selected layer indices, sorted.
     """
     _check_threshold(threshold)
-    cumulative = np.cumsum(norm_score)
-    with np.errstate(invalid="ignore"):
-        return [int(i) for i in np.flatnonzero(cumulative <= threshold)]
+    data = pd.DataFrame({"Layer": np.arange(len(variance)), "Variance": np.asarray(variance, dtype=float),
+                         "Sparsity": np.asarray(sparsity, dtype=float)})
+    with np.errstate(divide="ignore", invalid="ignore"):
+        data["AVSS"] = data["Variance"] / data["Sparsity"]
+        data["Normalized_AVSS"] = data["AVSS"] / data["AVSS"].sum()
+    data["Cumulative_AVSS"] = data["Normalized_AVSS"].cumsum()
+    data = data.sort_values(by="AVSS", ascending=True)
+    return sorted(int(i) for i in data.loc[data["Cumulative_AVSS"] <= threshold, "Layer"])
 
 
 def _check_threshold(threshold: float) -> None:
@@ -161,7 +176,8 @@ def selections(scores: pd.DataFrame, ratio: float = 0.25, threshold: float = 0.2
         rules = {
             "fixed_fraction": fixed,
             "cumulative_sorted": select_cumulative_sorted(norm, threshold),
-            "authors_code": select_authors_code(norm, threshold),
+            "authors_code": select_authors_code(group["variance"].to_numpy(),
+                                                group["sparsity"].to_numpy() + group["delta"].to_numpy(), threshold),
         }
         for rule, layers in rules.items():
             arbitrary = rule == "fixed_fraction" and any(group["undefined"].to_numpy()[fixed])
