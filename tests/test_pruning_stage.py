@@ -88,9 +88,13 @@ def check_pruning_artifacts(run_dir: Path) -> None:
         assert row.value == value[(BASE_SET, row.task_key, row.metric)]
         assert row.difference == pytest.approx(row.value - row.value_float32)
 
-    # the oracle ran on chapter 01's calibration batches (all 8 samples of the smoke profile)
+    # the oracle ran on chapter 01's calibration batches (all 8 samples of the smoke profile), validation text
+    # disjoint from every evaluated split
     calibration = art.CALIBRATION.read(run_dir)
-    assert provenance["oracle_calibration"] == {"n_batches": calibration["n_batches"], "n_tokens": calibration["n_tokens"]}
+    evaluated = sorted({f"{p['benchmark']}/{p['split']}" for p in provenance["benchmarks"].values()})
+    assert provenance["oracle_calibration"] == {"source": "wikitext2/validation", "disjoint_from": evaluated,
+                                                "n_batches": calibration["n_batches"], "n_tokens": calibration["n_tokens"]}
+    assert "wikitext2/test" in evaluated
     assert all(p["files"] and p["sha256"] for p in provenance["benchmarks"].values())
     assert provenance["model"]["spec"] == "smollm2-135m-instruct"
 

@@ -4,6 +4,9 @@ By default the samples are WikiText-2 paragraphs (non-empty lines that are not `
 seeded subset kept in file order, each truncated to ``max_length`` tokens. Chapter 01 records the set it used
 (:func:`calibration_record`, the ``calibration.json`` artifact) and later chapters rebuild the very same
 batches from that record (:func:`calibration_batches`).
+
+Whatever is chosen on calibration text (layer rankings, the removal oracle) must never see the text it is
+scored on: :func:`check_disjoint` refuses a calibration source (benchmark and split) that is also evaluated.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from avss_lib.core.errors import ConfigError, DataError
 
 PADDING_MODES = ("longest", "max_length")
 CALIBRATION_DATASETS = ("wikitext2",)
+#: Where calibration text comes from unless a chapter says otherwise: WikiText-2's validation split, so the
+#: test split the pruning chapter scores perplexity on is never seen by a ranking.
+DEFAULT_CALIBRATION_SOURCE: tuple[str, str] = ("wikitext2", "validation")
 
 
 def wikitext_paragraphs(text: str) -> list[str]:
@@ -41,6 +47,28 @@ def load_calibration_texts(
         raise ConfigError(f"n_samples={n_samples} but {dataset}/{split} has only {len(samples)} paragraphs: lower n_samples")
     chosen = subsample(samples, n_samples, seed)
     return chosen, {**provenance, "unit": "paragraph", "n_available": len(samples), "n_samples": n_samples, "seed": seed}
+
+
+def text_source(provenance: Mapping[str, Any]) -> tuple[str, str]:
+    """The ``(benchmark, split)`` a calibration record or a benchmark's provenance was read from."""
+    try:
+        return str(provenance["benchmark"]), str(provenance["split"])
+    except KeyError as exc:
+        raise DataError(f"the provenance {dict(provenance)} does not name its benchmark and split: "
+                        "re-run the chapter that wrote it") from exc
+
+
+def check_disjoint(calibration: Mapping[str, Any], evaluated: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Raise :class:`ConfigError` when the calibration text (a :func:`calibration_record`) comes from the same
+    benchmark and split as an evaluated one (``evaluated``: task key -> benchmark provenance); else return the
+    evaluated ``benchmark/split`` sources, sorted, for the record."""
+    source = text_source(calibration)
+    overlapping = sorted(key for key, provenance in evaluated.items() if text_source(provenance) == source)
+    if overlapping:
+        raise ConfigError(f"chapter 01 calibrated on {source[0]}/{source[1]}, which is also evaluated "
+                          f"({', '.join(overlapping)}): the ranking would see the scored text. Calibrate on "
+                          f"another split (calibration_split: validation) and re-run chapter 01")
+    return sorted({"/".join(text_source(p)) for p in evaluated.values()})
 
 
 def make_batches(

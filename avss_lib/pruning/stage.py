@@ -22,7 +22,7 @@ from torch import nn
 
 from avss_lib.core import artifacts as art
 from avss_lib.core.benchmarks import Benchmark
-from avss_lib.core.calibration_text import calibration_batches
+from avss_lib.core.calibration_text import calibration_batches, check_disjoint, text_source
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.layer_removal import layers_for_ratio
 from avss_lib.core.layers import find_layers
@@ -127,6 +127,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     n_layers = lm.config.num_hidden_layers
     k = layers_for_ratio(n_layers, ratio, rounding)
     benchmarks = {s.key: (s, load_task(s, tokenizer, data_root, seed)) for s in [*table_specs, *curve_specs]}
+    evaluated_sources = check_disjoint(calibration, {key: bench.provenance for key, (_, bench) in benchmarks.items()})
 
     t0 = time.perf_counter()
     oracle_batches = calibration_batches(calibration, tokenizer, data_root=data_root, n_samples=oracle_samples)
@@ -191,7 +192,8 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     art.PROVENANCE_03.write({
         "model": model_provenance(model), "n_layers": n_layers, "k": k,
         "benchmarks": {key: bench.provenance for key, (_, bench) in benchmarks.items()},
-        "oracle_calibration": {"n_batches": len(oracle_batches),
+        "oracle_calibration": {"source": "/".join(text_source(calibration)), "disjoint_from": evaluated_sources,
+                               "n_batches": len(oracle_batches),
                                "n_tokens": int(sum(int(b["attention_mask"].sum()) for b in oracle_batches))},
         "unique_sets": len(sets), "torch_threads": torch.get_num_threads(), "timings_s": timings,
     }, run_dir)
