@@ -27,7 +27,20 @@ def test_verdicts_round_trip_as_data(tmp_path):
     assert untested_claims([(stage, back)]) == ["E1", "E2"]
 
 
+def test_the_primary_verdict_comes_first_and_exploratory_ones_are_labelled():
+    explore = Verdict("A1", "avss:authors_code", "undefined", "rule", analysis="exploratory")
+    e1 = Verdict("E1", "pooled", "inconclusive", "rule")
+    table = verdict_table([("04_hallucination_layers", e1), ("03_pruning", explore), ("03_pruning", A1)])
+    assert table[["claim", "subject", "analysis", "verdict"]].values.tolist() == [
+        ["A1", "authors' AVSS", "primary", "**does not hold**"],
+        ["A1", "avss:authors_code", "exploratory", "undefined"],
+        ["E1", "pooled", "primary", "**inconclusive**"]]
+    assert from_records(to_records([explore])) == [explore]
+
+
 def test_bad_verdicts_are_refused():
+    with pytest.raises(DataError, match="unknown analysis 'post hoc'"):
+        Verdict("A1", "x", "holds", "rule", analysis="post hoc")
     with pytest.raises(DataError, match="unknown outcome 'maybe'"):
         Verdict("A1", "x", "maybe", "rule")
     with pytest.raises(DataError, match="unknown claim 'Z9'"):

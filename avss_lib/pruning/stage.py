@@ -31,7 +31,7 @@ from avss_lib.core.timing import measure_speedup
 from avss_lib.core.verdicts import Verdict, to_records
 from avss_lib.pruning import evaluate, plan as planning, prose, retention as tables
 from avss_lib.pruning.tasks import TaskSpec, curve_task_specs, load_task, task_specs
-from avss_lib.pruning.verdict import A1_RULE, RETENTION_THRESHOLD, a1_verdicts
+from avss_lib.pruning.verdict import A1_RULE, MEASURES, RETENTION_THRESHOLD, a1_verdicts
 
 
 @dataclass
@@ -41,7 +41,8 @@ class PruningResult:
     ratio: float
     k: int
     n_layers: int
-    primary: str  # the detailed AVSS variant, ``avss:<variant>``
+    primary: str  # the pre-registered AVSS variant, ``avss:<variant>``
+    primary_retention: str  # its pre-registered retention measure, a key of MEASURES
     dtype: str
     scores: dict[str, pd.Series]
     plan: pd.DataFrame  # PRUNED_SETS
@@ -64,7 +65,8 @@ class PruningResult:
     def glue(self) -> dict[str, Any]:
         """Every number and phrase the chapter's markdown pastes (see :mod:`avss_lib.book.glue`)."""
         r, used = self.retention, prose.counted_tasks(self.retention)
-        holding = prose.holding_variants(r)
+        column = MEASURES[self.primary_retention]
+        holding = prose.holding_variants(r, column)
         per_set = list(self.timings_s["per_set"].values())
         return {
             "n_methods": self.plan["method"].nunique(), "n_ratios": self.plan["ratio"].nunique(),
@@ -81,8 +83,13 @@ class PruningResult:
             "n_holds": len(holding), "n_variants": r.loc[r["method"].str.startswith("avss:"), "method"].nunique(),
             "holding_variants": prose.word_list([planning.method_label(m) for m in holding]),
             "primary_label": planning.method_label(self.primary),
-            "primary_retention": prose.retention_list(r, self.primary),
-            "primary_worst": prose.worst_task(r, self.primary), "best_worst_case": prose.best_worst_case(r),
+            "primary_measure": "chance-corrected" if self.primary_retention == "chance_corrected" else "raw",
+            "primary_raw": prose.retention_list(r, self.primary),
+            "primary_corrected": prose.retention_list(r, self.primary, "chance_corrected"),
+            "primary_worst": prose.worst_task(r, self.primary, column),
+            "best_worst_case": prose.best_worst_case(r, column),
+            "family": prose.family_sentence(self.comparison, tables.FAMILY_ALPHA),
+            "exploratory": prose.exploratory_sentence(self.verdicts),
             "comparison_random": prose.comparison_sentence(self.comparison, r, "random", self.primary),
             "comparison_last_k": prose.comparison_sentence(self.comparison, r, "last_k", self.primary),
             "a1_outcome": prose.outcome_phrase(self.verdicts[0].outcome), "a1_summary": self.verdicts[0].summary,
@@ -106,7 +113,8 @@ def check_upstream(provenance01: Mapping[str, Any], model_spec: str, model: nn.M
 
 def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, data_root: str | None, seed: int,
                 ratio: float, rounding: str, tasks: Mapping[str, int | None],
-                task_options: Mapping[str, Mapping[str, Any]], primary_variant: str, random_seeds: Sequence[int],
+                task_options: Mapping[str, Mapping[str, Any]], primary_variant: str, primary_retention: str,
+                random_seeds: Sequence[int],
                 oracle_samples: int | None, sleb: bool, curve_ratios: Sequence[float], curve_methods: Sequence[str],
                 curve_tasks: Mapping[str, int | None], curve_random_seeds: int, batch_size: int,
                 precision_check: bool, speed_repeats: int, n_bootstrap: int,
@@ -120,6 +128,9 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     avss_scores = art.AVSS_SCORES.read(run_dir)
     selections = art.SELECTIONS.read(run_dir)
     primary = f"avss:{primary_variant}"
+    if primary_retention not in MEASURES:
+        raise ConfigError(f"primary_retention {primary_retention!r} is not a retention measure: use one of "
+                          f"{sorted(MEASURES)}")
     table_specs = task_specs(tasks, task_options)
     curve_specs = curve_task_specs(table_specs, curve_tasks, task_options)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -170,7 +181,10 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     spearman, jaccard = tables.agreement(scores, plan, ratio)
     speed = measure_speedup(lm, table_plan.set_index("method").loc[primary, "layers"], oracle_batches[0],
                             repeats=speed_repeats)
-    verdicts = a1_verdicts(retention, primary, ratio=ratio, k=k, n_layers=n_layers)
+    held_out = tables.held_out_best(plan, summary, per_example, ratio, table_keys, chance=chance,
+                                    column=MEASURES[primary_retention], n_resamples=n_bootstrap, seed=seed)
+    verdicts = a1_verdicts(retention, plan, primary, measure=primary_retention, ratio=ratio, k=k, n_layers=n_layers,
+                           held_out=held_out)
     timings = {"rankings": ranking_seconds, "evaluations": evaluation_seconds, "per_set": dict(evaluations.seconds),
                "precision_check": precision_seconds, "total": time.perf_counter() - started}
 
@@ -197,7 +211,8 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                                "n_tokens": int(sum(int(b["attention_mask"].sum()) for b in oracle_batches))},
         "unique_sets": len(sets), "torch_threads": torch.get_num_threads(), "timings_s": timings,
     }, run_dir)
-    return PruningResult(ratio=ratio, k=k, n_layers=n_layers, primary=primary, dtype=dtype, scores=scores, plan=plan,
+    return PruningResult(ratio=ratio, k=k, n_layers=n_layers, primary=primary,
+                         primary_retention=primary_retention, dtype=dtype, scores=scores, plan=plan,
                          sets=sets, summary=summary, per_example=per_example, retention=retention,
                          comparison=comparison, curve=curve, spearman=spearman, jaccard=jaccard, speed=speed,
                          precision=precision, verdicts=verdicts, table_specs=table_specs, benchmarks=benchmarks,
