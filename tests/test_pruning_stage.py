@@ -43,7 +43,8 @@ def check_pruning_artifacts(run_dir: Path) -> None:
 
     # retention: the unpruned row is the results' value; every other % follows from the per-example numbers
     assert set(retention["task_key"]) == SMOKE_TASKS
-    assert {"unpruned", PRIMARY, "random", "last_k", "block_influence", "angular_distance", "delta_ppl"} <= set(
+    assert {"unpruned", PRIMARY, "random", "last_k", "block_influence", "angular_distance", "gromov_block", "delta_ppl",
+            "sleb"} <= set(
         retention["method"])
     value = results.set_index(["set_id", "task_key", "metric"])["value"]
     for row in retention[retention["method"] != "random"].itertuples():

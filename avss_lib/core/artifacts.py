@@ -165,6 +165,9 @@ CURVE = Artifact("03_pruning", "curve.csv", "primary metric against the fraction
 SPEARMAN = Artifact("03_pruning", "spearman.csv", "Spearman's rho between the methods' layer scores",
                     columns=("method",))
 JACCARD = Artifact("03_pruning", "jaccard.csv", "Jaccard overlap of the methods' pruned sets", columns=("method",))
+STABILITY = Artifact("03_pruning", "ranking_stability.csv",
+                     "each calibration-dependent ranking recomputed on disjoint calibration folds, pair by pair",
+                     columns=("method", "fold_a", "fold_b", "spearman", "jaccard"))
 SPEED = Artifact("03_pruning", "speed.json", "forward time of the pruned against the unpruned model")
 PRECISION = Artifact("03_pruning", "precision.csv", "the unpruned model in the run's dtype against float32",
                      columns=("task_key", "metric", "value", "value_float32", "difference"))

@@ -111,17 +111,24 @@ def calibration_record(provenance: Mapping[str, Any], batches: Sequence[Mapping[
             "statistics": dict(statistics)}
 
 
-def calibration_batches(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, data_root: str | None,
-                        n_samples: int | None = None) -> list[dict[str, Tensor]]:
-    """The batches of a :func:`calibration_record`, rebuilt; ``n_samples`` keeps only the first samples (a prefix
-    of the same tokens). Raises :class:`DataError` when the calibration file's sha256 differs from the recorded one.
-    """
+def recorded_texts(record: Mapping[str, Any], data_root: str | None) -> list[str]:
+    """The calibration samples of a :func:`calibration_record`, reloaded; raises :class:`DataError` when the
+    calibration file's sha256 differs from the recorded one."""
     texts, provenance = load_calibration_texts(record["benchmark"], record["split"], record["n_samples"],
                                                record["seed"], data_root)
     expected, found = record.get("sha256"), provenance.get("sha256")
     if expected and found and expected != found:
         raise DataError(f"the calibration file differs from the one chapter 01 used ({found} vs {expected}): "
                         "point data_root at the same data, or re-run chapter 01")
+    return texts
+
+
+def calibration_batches(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, data_root: str | None,
+                        n_samples: int | None = None) -> list[dict[str, Tensor]]:
+    """The batches of a :func:`calibration_record`, rebuilt; ``n_samples`` keeps only the first samples (a prefix
+    of the same tokens). Raises :class:`DataError` when the calibration file's sha256 differs from the recorded one.
+    """
+    texts = recorded_texts(record, data_root)
     if n_samples is not None:
         if not 1 <= n_samples <= len(texts):
             raise ConfigError(f"n_samples={n_samples} but chapter 01 used {len(texts)} calibration samples: "
@@ -129,3 +136,18 @@ def calibration_batches(record: Mapping[str, Any], tokenizer: PreTrainedTokenize
         texts = texts[:n_samples]
     return make_batches(tokenizer, texts, max_length=record["max_length"], batch_size=record["batch_size"],
                         padding=record["padding"])
+
+
+def calibration_folds(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, data_root: str | None,
+                      n_folds: int, n_samples: int | None = None) -> list[list[dict[str, Tensor]]]:
+    """The samples of a :func:`calibration_record` dealt into ``n_folds`` disjoint folds (sample ``i`` goes to
+    fold ``i mod n_folds``, so each fold spans the file), each batched as chapter 01 batched them;
+    ``n_samples`` keeps the first samples of each fold. Raises :class:`ConfigError` for fewer than 2 folds or
+    folds without a sample."""
+    texts = recorded_texts(record, data_root)
+    if not 2 <= n_folds <= len(texts):
+        raise ConfigError(f"n_folds={n_folds} disjoint calibration folds are not possible from {len(texts)} samples: "
+                          f"choose 2..{len(texts)}")
+    folds = [texts[f::n_folds][:n_samples] for f in range(n_folds)]
+    return [make_batches(tokenizer, fold, max_length=record["max_length"], batch_size=record["batch_size"],
+                         padding=record["padding"]) for fold in folds]

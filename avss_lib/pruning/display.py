@@ -7,6 +7,7 @@ from pandas.io.formats.style import Styler
 
 from avss_lib.core.formatting import percent
 from avss_lib.pruning.plan import method_label
+from avss_lib.pruning.stability import stability_summary
 
 
 def score_text(value: float, metric: str) -> str:
@@ -59,3 +60,11 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
         return ", ".join(f"{v}: {n}" for v, n in g["verdict"].value_counts().items())
     table = comparison.groupby(["baseline", "task_key"]).apply(cell, include_groups=False).unstack("task_key")
     return table.rename(index=method_label)
+
+
+def stability_display(stability: pd.DataFrame) -> pd.DataFrame:
+    """Per ranking: the smallest and mean Spearman ρ and Jaccard overlap between disjoint calibration folds
+    (:func:`avss_lib.pruning.stability.stability_summary`), methods by label, rounded to two decimals."""
+    if stability.empty:
+        return pd.DataFrame(columns=["spearman_min", "spearman_mean", "jaccard_min", "jaccard_mean"])
+    return stability_summary(stability).set_index("method").rename(index=method_label).round(2)

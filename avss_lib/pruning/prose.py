@@ -200,3 +200,21 @@ def speed_numbers(speed: Mapping[str, Any]) -> dict[str, float]:
             "seconds_pruned": speed["seconds_pruned"], "seconds_unpruned": speed["seconds_unpruned"],
             "measured_speedup": speed["measured_speedup"], "theoretical_speedup": speed["theoretical_speedup_layers"],
             "estimated_speedup": speed["estimated_speedup_params"]}
+
+
+def stability_sentence(stability: pd.DataFrame, primary: str) -> str:
+    """How far the rankings move between disjoint calibration folds: the ``primary`` variant's smallest ρ and
+    Jaccard overlap, and the least and most stable ranked methods by their smallest ρ."""
+    if stability.empty:
+        return "Ranking stability was not measured (stability_folds = 0)."
+    n_folds = len(set(stability["fold_a"]) | set(stability["fold_b"]))
+    worst = stability.groupby("method", sort=False)["spearman"].min().dropna().sort_values(kind="stable")
+    text = f"Recomputed on {n_folds} disjoint calibration folds"
+    own = stability[stability["method"] == primary]
+    if not own.empty:
+        text += (f", {method_label(primary)} keeps Spearman ρ ≥ {own['spearman'].min():.2f} between any two folds "
+                 f"and removes sets that overlap by Jaccard ≥ {own['jaccard'].min():.2f}")
+    if len(worst):
+        text += (f"; the least stable ranking is {method_label(worst.index[0])} (ρ ≥ {worst.iloc[0]:.2f}), the most "
+                 f"stable {method_label(worst.index[-1])} (ρ ≥ {worst.iloc[-1]:.2f})")
+    return text + "."

@@ -30,6 +30,7 @@ from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.timing import measure_speedup
 from avss_lib.core.verdicts import Verdict, to_records
 from avss_lib.pruning import evaluate, plan as planning, prose, retention as tables
+from avss_lib.pruning.stability import ranking_stability
 from avss_lib.pruning.tasks import TaskSpec, curve_task_specs, load_task, task_specs
 from avss_lib.pruning.verdict import A1_RULE, MEASURES, RETENTION_THRESHOLD, a1_verdicts
 
@@ -54,6 +55,7 @@ class PruningResult:
     curve: pd.DataFrame  # CURVE
     spearman: pd.DataFrame
     jaccard: pd.DataFrame
+    stability: pd.DataFrame  # STABILITY (empty when stability_folds is 0)
     speed: dict[str, Any]  # SPEED
     precision: pd.DataFrame | None  # PRECISION (None when every evaluation ran in float32)
     verdicts: list[Verdict]
@@ -78,6 +80,7 @@ class PruningResult:
             "median_set_seconds": float(np.median(per_set)) if per_set else float("nan"),
             "selection_check": prose.selection_sentence(self.mismatches),
             "agreement": prose.agreement_sentence(self.spearman, self.jaccard, self.primary),
+            "stability": prose.stability_sentence(self.stability, self.primary),
             "ratio": self.ratio, "k": self.k, "n_layers": self.n_layers, "threshold": RETENTION_THRESHOLD,
             "counted_tasks": prose.word_list(used), "skipped_tasks": prose.skipped_tasks_sentence(r),
             "n_holds": len(holding), "n_variants": r.loc[r["method"].str.startswith("avss:"), "method"].nunique(),
@@ -117,7 +120,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                 random_seeds: Sequence[int],
                 oracle_samples: int | None, sleb: bool, curve_ratios: Sequence[float], curve_methods: Sequence[str],
                 curve_tasks: Mapping[str, int | None], curve_random_seeds: int, batch_size: int,
-                precision_check: bool, speed_repeats: int, n_bootstrap: int,
+                precision_check: bool, speed_repeats: int, n_bootstrap: int, stability_folds: int,
                 log: Callable[[str], Any] | None = print) -> PruningResult:
     """Run stage 03 with the chapter's parameters (see the notebook's ``parameters`` cell) and write its artifacts."""
     torch.manual_seed(seed)
@@ -142,13 +145,15 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
 
     t0 = time.perf_counter()
     oracle_batches = calibration_batches(calibration, tokenizer, data_root=data_root, n_samples=oracle_samples)
-    sleb_layers = max(layers_for_ratio(n_layers, r, rounding) for r in [ratio, *curve_ratios]) if sleb else 0
+    sleb_ratios = [ratio, *(curve_ratios if "sleb" in curve_methods else [])]  # its greedy steps cost a pass each
+    sleb_layers = max(layers_for_ratio(n_layers, r, rounding) for r in sleb_ratios) if sleb else 0
     scores = planning.method_scores(stats_01, avss_scores, random_seeds=random_seeds, model=lm,
                                     oracle_batches=oracle_batches, sleb_layers=sleb_layers)
     if primary not in scores:
         raise ConfigError(f"primary_variant {primary_variant!r} is not among chapter 02's variants: {sorted(scores)}")
+    blocks = planning.block_methods(lm, oracle_batches)
     ranking_seconds = time.perf_counter() - t0
-    plan = planning.plan_pruned_sets(scores, sorted({ratio, *curve_ratios}), rounding=rounding)
+    plan = planning.plan_pruned_sets(scores, sorted({ratio, *curve_ratios}), rounding=rounding, blocks=blocks)
     table_plan = plan[np.isclose(plan["ratio"], ratio)]
     curve_plan = planning.subplan(plan, curve_methods, curve_ratios, curve_random_seeds)
     table_keys = [s.key for s in table_specs]
@@ -179,6 +184,12 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                                         seed=seed)
     curve = tables.curve_table(curve_plan, summary, curve_methods, curve_keys)
     spearman, jaccard = tables.agreement(scores, plan, ratio)
+    t0 = time.perf_counter()
+    variants = [m.split(":", 1)[1] for m in scores if m.startswith("avss:")]
+    stability = (ranking_stability(lm, tokenizer, calibration, variants, data_root=data_root, n_folds=stability_folds,
+                                   oracle_samples=oracle_samples, ratio=ratio, rounding=rounding)
+                 if stability_folds else pd.DataFrame(columns=list(art.STABILITY.columns)))
+    stability_seconds = time.perf_counter() - t0
     speed = measure_speedup(lm, table_plan.set_index("method").loc[primary, "layers"], oracle_batches[0],
                             repeats=speed_repeats)
     held_out = tables.held_out_best(plan, summary, per_example, ratio, table_keys, chance=chance,
@@ -186,7 +197,8 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     verdicts = a1_verdicts(retention, plan, primary, measure=primary_retention, ratio=ratio, k=k, n_layers=n_layers,
                            held_out=held_out)
     timings = {"rankings": ranking_seconds, "evaluations": evaluation_seconds, "per_set": dict(evaluations.seconds),
-               "precision_check": precision_seconds, "total": time.perf_counter() - started}
+               "precision_check": precision_seconds, "stability": stability_seconds,
+               "total": time.perf_counter() - started}
 
     score_table = pd.concat([pd.DataFrame({"method": m, "layer": s.index, "score": s.to_numpy()})
                              for m, s in scores.items()])
@@ -199,6 +211,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     art.CURVE.write(curve, run_dir)
     art.SPEARMAN.write(spearman.reset_index(names="method"), run_dir)
     art.JACCARD.write(jaccard.reset_index(names="method"), run_dir)
+    art.STABILITY.write(stability, run_dir)
     art.SPEED.write(speed, run_dir)
     if precision is not None:
         art.PRECISION.write(precision, run_dir)
@@ -214,6 +227,6 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     return PruningResult(ratio=ratio, k=k, n_layers=n_layers, primary=primary,
                          primary_retention=primary_retention, dtype=dtype, scores=scores, plan=plan,
                          sets=sets, summary=summary, per_example=per_example, retention=retention,
-                         comparison=comparison, curve=curve, spearman=spearman, jaccard=jaccard, speed=speed,
+                         comparison=comparison, curve=curve, spearman=spearman, jaccard=jaccard, stability=stability, speed=speed,
                          precision=precision, verdicts=verdicts, table_specs=table_specs, benchmarks=benchmarks,
                          mismatches=planning.selection_mismatches(plan, selections, ratio), timings_s=timings)
