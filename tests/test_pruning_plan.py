@@ -40,6 +40,11 @@ def test_method_scores_and_plan_deduplicate_identical_sets():
     sleb_order = baselines.greedy_removal_order(llama, batches, 2, progress=False)
     assert baselines.prune_order(scores["sleb"])[:2] == sleb_order
     assert sorted(scores["sleb"][sleb_order]) == [0.0, 1.0]  # removed first = lowest scores
+    other = [{"input_ids": torch.tensor([[1, 7, 9, 3, 2, 5, 8]]), "attention_mask": torch.ones(1, 7, dtype=torch.long)}]
+    own = planning.method_scores(stats, avss, random_seeds=[0], model=llama, oracle_batches=batches, sleb_layers=3,
+                                 sleb_batches=other)
+    assert baselines.prune_order(own["sleb"])[:3] == baselines.greedy_removal_order(llama, other, 3, progress=False)
+    assert np.allclose(own["delta_ppl"], scores["delta_ppl"])  # the oracle keeps its own batches
     scores["copy"] = scores["avss:finite"].copy()
     plan = planning.plan_pruned_sets(scores, [0.34, 0.5])
     at = plan[np.isclose(plan["ratio"], 0.34)].set_index("method")

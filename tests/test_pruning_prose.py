@@ -143,3 +143,8 @@ def test_family_and_exploratory_sentences():
     assert prose.exploratory_sentence([primary, other]) == (
         "Exploratory, not the claim's verdict: AVSS b: ties — undefined.")
     assert prose.exploratory_sentence([primary]) == "There is no exploratory verdict."
+
+
+def test_detectable_phrase_both_ways():
+    assert prose.detectable_phrase(12.345) == "12.3 points"
+    assert prose.detectable_phrase(None) == prose.detectable_phrase(float("nan")) == "not defined (no counted task)"

@@ -237,3 +237,11 @@ def test_the_held_out_best_variant_is_chosen_and_scored_on_disjoint_examples():
                                         column="chance_corrected", n_resamples=50, seed=3)
     assert best == "avss:y"  # still chosen: the choosing half did not see the failure
     assert scored.set_index("method").loc["avss:y", "chance_corrected"] < -100  # and scored where it fails
+
+
+def test_held_out_best_needs_two_examples_to_split_a_task():
+    plan, summary, per_example = _synthetic()
+    one = per_example[per_example["id"] == "0"]
+    with pytest.raises(DataError, match="two examples"):
+        tables.held_out_best(plan, summary, one, 0.25, ["sst2"], chance={"sst2": 0.5}, column="retention",
+                             n_resamples=10)

@@ -13,6 +13,7 @@ from avss_lib.core import artifacts as art
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.layer_removal import layers_for_ratio
 from avss_lib.pruning.plan import BASE_SET, set_id
+from avss_lib.pruning.retention import MIN_EXAMPLES_FOR_VERDICT
 from avss_lib.pruning.stage import check_upstream
 from avss_lib.pruning.tasks import PRIMARY_METRIC
 from avss_lib.pruning.verdict import DECIDED, RETAINED, RETENTION_THRESHOLD, a1_outcome
@@ -71,8 +72,12 @@ def check_pruning_artifacts(run_dir: Path) -> None:
     # the comparison's verdicts follow from Holm's adjustment over every tested comparison
     comparison = art.COMPARISON.read(run_dir)
     assert {"random", "last_k"} <= set(comparison["baseline"])
+    sizes = per_example[per_example["set_id"] == BASE_SET].groupby("task_key").size()
+    few = comparison["task_key"].map(sizes) < MIN_EXAMPLES_FOR_VERDICT
+    assert (comparison.loc[few & (comparison["verdict"] != "same set"), "verdict"] == "too few examples").all()
+    assert comparison.loc[few, "p_value"].isna().all()
     tested = comparison.dropna(subset=["p_value"])
-    assert len(tested) and (tested["p_holm"] >= tested["p_value"]).all()
+    assert (tested["p_holm"] >= tested["p_value"]).all()
     assert set(comparison.loc[comparison["p_value"].isna(), "verdict"]) <= {"same set", "too few examples"}
     for row in tested.itertuples():
         expected = ("indistinguishable" if row.p_holm >= 0.05 else "better" if row.difference > 0 else "worse")

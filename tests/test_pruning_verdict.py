@@ -55,7 +55,8 @@ def test_the_primary_comes_first_on_its_measure_and_the_authors_raw_verdict_is_e
         Condition(RETAINED, met=False, value=5.0, threshold=90.0, low=-10.0, high=20.0, group="sst2"),
         Condition(RETAINED, met=True, value=95.0, threshold=90.0, low=91.0, high=99.0, group="wikitext2"))
     assert primary.numbers == {"ratio": 0.25, "k": 2.0, "n_layers": 8.0, "threshold": 90.0, "n_counted_tasks": 2.0,
-                               "retention": 5.0, "retention_low": -10.0, "retention_high": 20.0}
+                               "retention": 5.0, "retention_low": -10.0, "retention_high": 20.0,
+                               "detectable_shortfall": 15.0}  # sst2's half-width (15) beats wikitext2's (4)
     assert primary.summary == ("AVSS block rel: 5% [-10, 20] retained above chance on sst2 "
                                "(worst of 2 counted task(s))")
     assert (authors.subject, authors.analysis, authors.outcome) == ("avss:authors_code", "exploratory", "holds")

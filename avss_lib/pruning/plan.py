@@ -31,14 +31,15 @@ BASE_SET = "none"  # set_id of the unpruned model
 
 def method_scores(stats: pd.DataFrame, avss_scores: pd.DataFrame, *, random_seeds: Sequence[int],
                   model: nn.Module | None = None, oracle_batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                  sleb_layers: int = 0) -> dict[str, pd.Series]:
+                  sleb_layers: int = 0, sleb_batches: Sequence[Mapping[str, torch.Tensor]] | None = None
+                  ) -> dict[str, pd.Series]:
     """Per-layer scores (higher = more important, indexed by layer) of every method, in a fixed order.
 
     ``stats``: chapter 01's table (``block_output`` rows give BI and angular distance); ``avss_scores``:
     chapter 02's table (one ``avss`` column per variant; infinite scores rank last, ties by layer index).
     With ``model`` and ``oracle_batches`` the removal-ΔPPL oracle is added, and with ``sleb_layers > 0``
-    SLEB's greedy order of that many layers (removed first = lowest score; the rest keep their oracle order
-    above them). Raises :class:`DataError` when the tables disagree on the number of layers.
+    SLEB's greedy order of that many layers on ``sleb_batches`` (default: the oracle's; removed first = lowest
+    score; the rest keep their oracle order above them). Raises :class:`DataError` when the tables disagree on the number of layers.
     """
     block = stats[stats["site"] == "block_output"].sort_values("layer")
     if block.empty:
@@ -66,7 +67,8 @@ def method_scores(stats: pd.DataFrame, avss_scores: pd.DataFrame, *, random_seed
         delta = baselines.removal_delta_ppl(model, oracle_batches, progress=False)
         scores["delta_ppl"] = pd.Series(delta, index=layers)
         if sleb_layers:
-            order = baselines.greedy_removal_order(model, oracle_batches, sleb_layers, progress=False)
+            order = baselines.greedy_removal_order(model, oracle_batches if sleb_batches is None else sleb_batches,
+                                                   sleb_layers, progress=False)
             sleb = pd.Series(np.argsort(np.argsort(delta)).astype(float) + n_layers, index=layers)
             sleb[order] = np.arange(len(order), dtype=float)
             scores["sleb"] = sleb

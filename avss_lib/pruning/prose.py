@@ -218,3 +218,10 @@ def stability_sentence(stability: pd.DataFrame, primary: str) -> str:
         text += (f"; the least stable ranking is {method_label(worst.index[0])} (ρ ≥ {worst.iloc[0]:.2f}), the most "
                  f"stable {method_label(worst.index[-1])} (ρ ≥ {worst.iloc[-1]:.2f})")
     return text + "."
+
+
+def detectable_phrase(half_width: float | None) -> str:
+    """The minimum detectable effect of the A1 rule in points (the widest CI half-width), or why there is none."""
+    if half_width is None or not math.isfinite(half_width):
+        return "not defined (no counted task)"
+    return f"{half_width:.1f} points"

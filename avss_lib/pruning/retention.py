@@ -229,23 +229,27 @@ def held_out_best(plan: pd.DataFrame, summary: pd.DataFrame, per_example: pd.Dat
                   n_resamples: int = 2000, seed: int = 0) -> tuple[str, pd.DataFrame]:
     """The AVSS variant with the best worst-case ``column`` (``retention`` or ``chance_corrected``) over the
     counted tasks, chosen on a seeded half of each task's examples, and its :func:`retention_table` on the other
-    half: a "best variant" whose score never saw the examples that chose it. Variants with no counted task rank
-    last."""
+    half: a "best variant" whose score never saw the examples that chose it. Tasks with fewer than two examples
+    are left out of both halves."""
     rng = np.random.default_rng(seed)
-    selection = []
+    selection, splittable = [], []
     for key in task_keys:
         ids = per_example.loc[(per_example["task_key"] == key) & (per_example["set_id"] == BASE_SET), "id"].unique()
-        selection += [(key, i) for i in rng.permutation(ids)[: len(ids) // 2]]
+        if len(ids) >= 2:  # a task with a single example cannot be in both halves
+            splittable.append(key)
+            selection += [(key, i) for i in rng.permutation(ids)[: len(ids) // 2]]
+    if not splittable:
+        raise DataError("no task has two examples: there are no disjoint halves to choose and score on")
     keys = pd.MultiIndex.from_frame(per_example[["task_key", "id"]])
     chosen = keys.isin(pd.MultiIndex.from_tuples(selection, names=["task_key", "id"]))
     avss = plan[plan["family"] == "avss"]
-    choosing = retention_table(avss, summary, per_example[chosen], ratio, task_keys, n_resamples=n_resamples,
+    choosing = retention_table(avss, summary, per_example[chosen], ratio, splittable, n_resamples=n_resamples,
                                seed=seed, chance=chance)
     counted = choosing[choosing["informative"] & (choosing["method"] != "unpruned")]
     if counted.empty:
         raise DataError("no AVSS variant has a counted task: there is no best variant to choose")
     best = str(counted.groupby("method")[column].min().sort_values(ascending=False, kind="stable").index[0])
-    scored = retention_table(avss[avss["method"] == best], summary, per_example[~chosen], ratio, task_keys,
+    scored = retention_table(avss[avss["method"] == best], summary, per_example[~chosen], ratio, splittable,
                              n_resamples=n_resamples, seed=seed, chance=chance)
     return best, scored
 

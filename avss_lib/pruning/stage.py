@@ -96,6 +96,7 @@ class PruningResult:
             "comparison_random": prose.comparison_sentence(self.comparison, r, "random", self.primary),
             "comparison_last_k": prose.comparison_sentence(self.comparison, r, "last_k", self.primary),
             "a1_outcome": prose.outcome_phrase(self.verdicts[0].outcome), "a1_summary": self.verdicts[0].summary,
+            "a1_detectable": prose.detectable_phrase(self.verdicts[0].numbers.get("detectable_shortfall")),
             "a1_rule": A1_RULE, "precision": prose.precision_sentence(self.precision, self.dtype),
             **prose.speed_numbers(self.speed),
         }
@@ -118,9 +119,10 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                 ratio: float, rounding: str, tasks: Mapping[str, int | None],
                 task_options: Mapping[str, Mapping[str, Any]], primary_variant: str, primary_retention: str,
                 random_seeds: Sequence[int],
-                oracle_samples: int | None, sleb: bool, curve_ratios: Sequence[float], curve_methods: Sequence[str],
+                oracle_samples: int | None, sleb_samples: int, curve_ratios: Sequence[float], curve_methods: Sequence[str],
                 curve_tasks: Mapping[str, int | None], curve_random_seeds: int, batch_size: int,
                 precision_check: bool, speed_repeats: int, n_bootstrap: int, stability_folds: int,
+                stability_oracle_samples: int | None,
                 log: Callable[[str], Any] | None = print) -> PruningResult:
     """Run stage 03 with the chapter's parameters (see the notebook's ``parameters`` cell) and write its artifacts."""
     torch.manual_seed(seed)
@@ -146,9 +148,11 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     t0 = time.perf_counter()
     oracle_batches = calibration_batches(calibration, tokenizer, data_root=data_root, n_samples=oracle_samples)
     sleb_ratios = [ratio, *(curve_ratios if "sleb" in curve_methods else [])]  # its greedy steps cost a pass each
-    sleb_layers = max(layers_for_ratio(n_layers, r, rounding) for r in sleb_ratios) if sleb else 0
+    sleb_layers = max(layers_for_ratio(n_layers, r, rounding) for r in sleb_ratios) if sleb_samples else 0
+    sleb_batches = (calibration_batches(calibration, tokenizer, data_root=data_root, n_samples=sleb_samples)
+                    if sleb_samples else None)
     scores = planning.method_scores(stats_01, avss_scores, random_seeds=random_seeds, model=lm,
-                                    oracle_batches=oracle_batches, sleb_layers=sleb_layers)
+                                    oracle_batches=oracle_batches, sleb_layers=sleb_layers, sleb_batches=sleb_batches)
     if primary not in scores:
         raise ConfigError(f"primary_variant {primary_variant!r} is not among chapter 02's variants: {sorted(scores)}")
     blocks = planning.block_methods(lm, oracle_batches)
@@ -187,7 +191,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     t0 = time.perf_counter()
     variants = [m.split(":", 1)[1] for m in scores if m.startswith("avss:")]
     stability = (ranking_stability(lm, tokenizer, calibration, variants, data_root=data_root, n_folds=stability_folds,
-                                   oracle_samples=oracle_samples, ratio=ratio, rounding=rounding)
+                                   oracle_samples=stability_oracle_samples, ratio=ratio, rounding=rounding)
                  if stability_folds else pd.DataFrame(columns=list(art.STABILITY.columns)))
     stability_seconds = time.perf_counter() - t0
     speed = measure_speedup(lm, table_plan.set_index("method").loc[primary, "layers"], oracle_batches[0],

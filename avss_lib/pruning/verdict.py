@@ -11,6 +11,10 @@ counted task the rule records one :class:`~avss_lib.core.verdicts.Condition`: th
 paired-bootstrap 95% CI against :data:`RETENTION_THRESHOLD`, met when the CI's lower end is at or above it. A
 pruned set that contains a layer with an infinite score was ordered by the tie rule, not by the scores: the
 verdict is then ``undefined`` (condition :data:`DECIDED`).
+
+The minimum detectable effect at the run's sizes is recorded beside the outcome (``detectable_shortfall``): the
+widest CI half-width over the counted tasks. A true retention less than that far from the threshold gives
+``inconclusive``; one further below gives ``does not hold`` about as often as its interval covers it.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def a1_verdict(retention: pd.DataFrame, method: str, *, measure: str, arbitrary:
     if arbitrary:
         summary = f"{label}: pruned set decided by ties"
     numbers = {**setting, "n_counted_tasks": float(len(g)), "retention": float(g.loc[t, column]),
-               "retention_low": float(g.loc[t, low]), "retention_high": float(g.loc[t, high])}
+               "retention_low": float(g.loc[t, low]), "retention_high": float(g.loc[t, high]),
+               "detectable_shortfall": float(((g[high] - g[low]) / 2).max())}
     return Verdict("A1", method, a1_outcome(conditions), A1_RULE, conditions, summary, numbers, analysis=analysis)
 
 
