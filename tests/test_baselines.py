@@ -11,10 +11,13 @@ import torch
 
 from avss_lib.ranking.baselines import (
     angular_distance,
+    block_angular_distances,
     block_influence,
     calibration_nll,
     greedy_removal_order,
+    gromov_block,
     last_k_scores,
+    last_token_states,
     prune_order,
     random_scores,
     removal_delta_ppl,
@@ -201,3 +204,44 @@ def test_jaccard_matrix_hand_values():
     assert jac.loc["x", "x"] == 1.0
     assert jac.loc["x", "z"] == 0.0
     assert jac.loc["z", "w"] == 1.0
+
+
+# --- Gromov et al.'s contiguous block ------------------------------------------------------------
+
+
+def test_block_angular_distances_and_the_chosen_block_by_hand():
+    # 4 layers, one sample in 2-D; the residual turns by 10° in layers 0 and 3 and by 60° in layers 1 and 2
+    turns = np.radians([10.0, 60.0, 60.0, 10.0])
+    angles = np.concatenate([[0.0], np.cumsum(turns)])
+    states = np.stack([np.cos(angles), np.sin(angles)], axis=-1)[:, None, :]  # (5, 1, 2)
+    inputs, outputs = states[:-1], states[1:]
+    assert block_angular_distances(inputs, outputs, 1) == pytest.approx([10 / 180, 60 / 180, 60 / 180, 10 / 180])
+    assert block_angular_distances(inputs, outputs, 2) == pytest.approx([70 / 180, 120 / 180, 70 / 180])
+    assert gromov_block(inputs, outputs, 1) == [0]  # a tie with layer 3: the shallower block
+    assert gromov_block(inputs, outputs, 3) == [0, 1, 2]  # 130° for both blocks of 3
+    assert gromov_block(inputs, outputs, 0) == []
+    # averaged over samples: a second sample that turns only in layers 1-2 moves the best pair to 2-3
+    other = np.stack([np.cos(a := np.concatenate([[0.0], np.cumsum(np.radians([90.0, 0, 0, 90.0]))])),
+                      np.sin(a)], axis=-1)[:, None, :]
+    both = np.concatenate([states, other], axis=1)
+    assert block_angular_distances(both[:-1], both[1:], 2) == pytest.approx([(70 + 90) / 360, 120 / 360,
+                                                                             (70 + 90) / 360])
+    with pytest.raises(ConfigError, match="block of 5"):
+        block_angular_distances(inputs, outputs, 5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_last_token_states_are_the_models_hidden_states_at_the_last_real_token(model_type):
+    model = tiny_model(model_type, 3, seed=2)
+    batch = _right_padded(SEQUENCES)
+    inputs, outputs = last_token_states(model, [batch])
+    assert inputs.shape == outputs.shape == (3, 2, 16)
+    with torch.no_grad():
+        for row, seq in enumerate(SEQUENCES):  # unpadded, one at a time: HF's hidden_states[i] is layer i's input
+            hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            for layer in range(3):
+                assert inputs[layer, row] == pytest.approx(hidden[layer][0, len(seq) - 1].double().numpy(), abs=1e-5)
+            for layer in range(2):  # the last entry of hidden_states is after the final norm
+                assert outputs[layer, row] == pytest.approx(inputs[layer + 1, row])
+    with pytest.raises(DataError, match="no calibration batch"):
+        last_token_states(model, [])

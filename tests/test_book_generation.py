@@ -27,7 +27,20 @@ def test_verdicts_round_trip_as_data(tmp_path):
     assert untested_claims([(stage, back)]) == ["E1", "E2"]
 
 
+def test_the_primary_verdict_comes_first_and_exploratory_ones_are_labelled():
+    explore = Verdict("A1", "avss:authors_code", "undefined", "rule", analysis="exploratory")
+    e1 = Verdict("E1", "pooled", "inconclusive", "rule")
+    table = verdict_table([("04_hallucination_layers", e1), ("03_pruning", explore), ("03_pruning", A1)])
+    assert table[["claim", "subject", "analysis", "verdict"]].values.tolist() == [
+        ["A1", "authors' AVSS", "primary", "**does not hold**"],
+        ["A1", "avss:authors_code", "exploratory", "undefined"],
+        ["E1", "pooled", "primary", "**inconclusive**"]]
+    assert from_records(to_records([explore])) == [explore]
+
+
 def test_bad_verdicts_are_refused():
+    with pytest.raises(DataError, match="unknown analysis 'post hoc'"):
+        Verdict("A1", "x", "holds", "rule", analysis="post hoc")
     with pytest.raises(DataError, match="unknown outcome 'maybe'"):
         Verdict("A1", "x", "maybe", "rule")
     with pytest.raises(DataError, match="unknown claim 'Z9'"):
@@ -59,3 +72,22 @@ def test_appendix_tolerates_runs_without_memory_record(tmp_path):
     write_json({"fingerprint": "x", "parameters": {}, "seconds": 1.0, "finished": "t"},
                artifacts.done_record(tmp_path, "02_avss_ranking"))
     assert notebook_runs(tmp_path).loc[0, "peak RSS (MiB)"] == "not recorded"
+
+
+def test_parity_section_shows_the_committed_record_or_how_to_make_it(tmp_path):
+    from avss_lib.book.reproducibility import parity_section
+
+    assert parity_section(tmp_path / "absent.json")[1].startswith("No parity record is committed")
+    record = {"date": "2026-12-04T18:40:00+00:00", "commit": "0123456789abcdef", "n": 100, "all_agree": False,
+              "machine": {"platform": "Linux", "cpus": 2, "device": "cpu"}, "versions": {"lm_eval": "0.4.13"},
+              "table": [{"task": "sciq", "metric": "acc", "n": 100, "lm_eval": 74.0, "ours": 74.0, "abs_diff": 0.0,
+                         "same_per_example": 1.0, "max_loglik_gap": 3.4e-5, "agrees": True},
+                        {"task": "sst2", "metric": "acc", "n": 100, "lm_eval": 70.0, "ours": 69.0, "abs_diff": 1.0,
+                         "same_per_example": 0.99, "max_loglik_gap": 2e-3, "agrees": False}]}
+    path = tmp_path / "lm_eval_parity.json"
+    write_json(record, path)
+    heading, prose, table = parity_section(path)
+    assert "first 100 examples" in prose and "**some rows disagree**" in prose and "`0123456789`" in prose
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert [[c.strip() for c in r][:2] for r in rows] == [["sciq", "acc"], ["sst2", "acc"]]
+    assert [r[7].strip() for r in rows] == ["3.4e-05", "0.002"]  # the largest log-likelihood gaps

@@ -259,6 +259,7 @@ def test_truthfulqa_gen_rouge_scoring(tok: PreTrainedTokenizerFast, monkeypatch:
     answers = [ev.Generation("Nothing happens", 0.9, math.log(0.9), 15),
                ev.Generation("In the sky", 0.6, math.log(0.6), 10),
                ev.Generation("", 0.1, math.log(0.1), 0)]
+    abstain = [ev.Generation(" i have no comment. ", 0.5, math.log(0.5), 6)] * 3
     monkeypatch.setattr(tasks, "generate_until", lambda *a, **k: answers)
     result = tasks.evaluate_task(tiny_model("llama", 1), tok, load_benchmark("truthfulqa_gen", data_root=FIXTURES))
     frame = result.per_example
@@ -266,6 +267,15 @@ def test_truthfulqa_gen_rouge_scoring(tok: PreTrainedTokenizerFast, monkeypatch:
     assert frame["rougeL_max_false"].tolist()[:2] == pytest.approx([0.0, 1.0])
     assert frame["correct"].tolist() == [True, False, False]  # an empty answer matches nothing
     assert result.summary["rougeL_acc"][0] == pytest.approx(1 / 3)
+    assert frame["no_comment"].tolist() == [False] * 3 and result.summary["no_comment_rate"][0] == 0.0
+    # always abstaining: the harness's extra true reference makes every answer "true", and the rate shows it
+    monkeypatch.setattr(tasks, "generate_until", lambda *a, **k: abstain)
+    gamed = tasks.evaluate_task(tiny_model("llama", 1), tok, load_benchmark("truthfulqa_gen", data_root=FIXTURES))
+    assert gamed.summary["rougeL_acc"][0] == 1.0 and gamed.summary["no_comment_rate"][0] == 1.0
+    assert gamed.summary["no_comment_rate"][1] < 1.0  # Wilson's interval does not collapse at 3 of 3
+    assert tasks.truthfulqa_constant_answer_score(load_benchmark("truthfulqa_gen", data_root=FIXTURES)) == 1.0
+    assert tasks.truthfulqa_constant_answer_score(load_benchmark("truthfulqa_gen", data_root=FIXTURES),
+                                                  "In the sky") == pytest.approx(0.0)
 
 
 # ------------------------------------------------------------------------------------ perplexity

@@ -18,6 +18,7 @@ from avss_lib.core.metrics import (
     expected_calibration_error,
     mc2_score,
     perplexity,
+    proportion_ci,
     reciprocal_rank,
     reliability_bins,
 )
@@ -118,3 +119,32 @@ def test_perplexity() -> None:
     assert perplexity(10 * math.log(4.0), 10) == pytest.approx(4.0)
     with pytest.raises(ConfigError, match="at least one scored token"):
         perplexity(1.0, 0)
+
+
+def test_proportion_ci_is_wilsons_interval_by_hand() -> None:
+    # Wilson: centre (p + z²/2n) / (1 + z²/n), half-width z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²), z = 1.959964
+    z = 1.959963984540054
+    for k, n in [(0, 10), (5, 10), (10, 10), (1, 3)]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert proportion_ci([1] * k + [0] * (n - k)) == pytest.approx((p, centre - half, centre + half))
+    value, low, high = proportion_ci([False] * 10)
+    assert value == low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # not the zero-width [0, 0]
+    assert proportion_ci([True] * 10)[1] == pytest.approx(1 - 0.2775, abs=1e-4)
+    with pytest.raises(ConfigError, match="0/1"):
+        proportion_ci([0.5, 1.0])
+    with pytest.raises(ConfigError, match="confidence_level"):
+        proportion_ci([0, 1], confidence_level=1.0)
+
+
+def test_holm_and_the_bootstrap_p_value_by_hand() -> None:
+    from avss_lib.core.resampling import bootstrap_p_value, holm
+
+    # sorted 0.01, 0.03, 0.04 of m = 3: 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04); NaN is not in the family
+    assert holm([0.01, 0.04, 0.03, float("nan")]).tolist()[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(holm([0.01, float("nan")])[1]) and holm([0.5, 0.9]).tolist() == pytest.approx([1.0, 1.0])
+    # 3 of 9 draws at or below 0: 2 (3 + 1) / 10; no draw on one side: 2 / 10; both sides equal: capped at 1
+    assert bootstrap_p_value(np.array([-1.0, 0, -2, 1, 2, 3, 4, 5, 6])) == pytest.approx(0.8)
+    assert bootstrap_p_value(np.arange(1.0, 10)) == pytest.approx(0.2)
+    assert bootstrap_p_value(np.array([-1.0, 1.0])) == 1.0 and math.isnan(bootstrap_p_value(np.array([np.nan])))

@@ -69,7 +69,7 @@ def test_token_counts_and_repeat_batches(batches):
 
 def test_calibration_settings_read_the_calibration_record():
     default = calibration_set.calibration_settings(None)
-    assert default == {"dataset": "wikitext2", "split": "test", "padding": "max_length",
+    assert default == {"dataset": "wikitext2", "split": "validation", "padding": "max_length",
                        "spec": activations.StatsSpec(), "source": "defaults"}
     record = {"benchmark": "wikitext2", "split": "validation", "n_samples": 8, "seed": 42, "padding": "longest",
               "statistics": {"sites": ["mlp_activation"], "abs_thresholds": [1e-4], "rel_taus": [0.2]}}

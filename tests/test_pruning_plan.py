@@ -40,6 +40,11 @@ def test_method_scores_and_plan_deduplicate_identical_sets():
     sleb_order = baselines.greedy_removal_order(llama, batches, 2, progress=False)
     assert baselines.prune_order(scores["sleb"])[:2] == sleb_order
     assert sorted(scores["sleb"][sleb_order]) == [0.0, 1.0]  # removed first = lowest scores
+    other = [{"input_ids": torch.tensor([[1, 7, 9, 3, 2, 5, 8]]), "attention_mask": torch.ones(1, 7, dtype=torch.long)}]
+    own = planning.method_scores(stats, avss, random_seeds=[0], model=llama, oracle_batches=batches, sleb_layers=3,
+                                 sleb_batches=other)
+    assert baselines.prune_order(own["sleb"])[:3] == baselines.greedy_removal_order(llama, other, 3, progress=False)
+    assert np.allclose(own["delta_ppl"], scores["delta_ppl"])  # the oracle keeps its own batches
     scores["copy"] = scores["avss:finite"].copy()
     plan = planning.plan_pruned_sets(scores, [0.34, 0.5])
     at = plan[np.isclose(plan["ratio"], 0.34)].set_index("method")
@@ -136,3 +141,27 @@ def test_selection_mismatches_name_the_variants_chapter_02_selected_otherwise():
     selections = pd.DataFrame({"variant": ["a", "b", "a"], "rule": ["fixed_fraction", "fixed_fraction", "authors_code"],
                                "layers": [[1, 0], [0, 1], [3]]})
     assert planning.selection_mismatches(plan, selections, 0.5) == ["b"]  # a matches (order aside); c not in 02
+
+
+def test_block_methods_join_the_plan_with_their_own_set_per_size():
+    scores = {"last_k": pd.Series(baselines.last_k_scores(6))}  # prunes 4, 3, 2, ... first
+    plan = planning.plan_pruned_sets(scores, [0.34, 0.5], blocks={"gromov_block": lambda n: list(range(5 - n, 5))})
+    rows = plan.set_index(["method", "ratio"])
+    assert plan["method"].tolist() == ["last_k", "gromov_block"] * 2  # ranked methods first, at each ratio
+    assert rows.loc[("gromov_block", 0.5), ["k", "layers", "family", "arbitrary"]].tolist() == [
+        3, [2, 3, 4], "gromov_block", False]
+    # round(0.34 * 6) = 2 layers: the same layers as last-k share its set id, so the set is evaluated once
+    assert rows.loc[("gromov_block", 0.34), "layers"] == [3, 4] == rows.loc[("last_k", 0.34), "layers"]
+    assert rows.loc[("gromov_block", 0.34), "set_id"] == rows.loc[("last_k", 0.34), "set_id"] == "L3-4"
+    with pytest.raises(ConfigError, match="no ranking"):
+        planning.plan_pruned_sets({}, [0.25], blocks={"gromov_block": lambda n: []})
+
+
+def test_block_methods_choose_gromovs_block_on_the_calibration_batches():
+    model = tiny_model("llama", 5, seed=3)
+    batches = [{"input_ids": torch.tensor([[1, 5, 9, 13, 17, 21]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}]
+    choose = planning.block_methods(model, batches)["gromov_block"]
+    inputs, outputs = baselines.last_token_states(model, batches)
+    distances = baselines.block_angular_distances(inputs, outputs, 2)
+    start = int(np.argmin(distances))
+    assert choose(2) == [start, start + 1] and choose(0) == []

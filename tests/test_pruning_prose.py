@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from avss_lib.core.benchmarks import Benchmark, Example
+from avss_lib.core.verdicts import Verdict
 from avss_lib.pruning import display, prose
 from avss_lib.pruning.tasks import task_specs
 
@@ -52,10 +53,10 @@ def _comparison() -> pd.DataFrame:
 def test_comparison_sentence_counts_only_counted_tasks_and_names_optional_verdicts():
     r, c = _retention(), _comparison()
     assert prose.comparison_sentence(c, r, "random", "avss:b") == (
-        "Against random, over all AVSS variants × counted tasks (2 comparisons), AVSS is better beyond the CIs in 1, "
+        "Against random, over all AVSS variants × counted tasks (2 comparisons), AVSS is better (Holm-adjusted) in 1, "
         "worse in 1, indistinguishable in 0; for AVSS b: sst2: worse.")
     assert prose.comparison_sentence(c, r, "last_k", "avss:c") == (
-        "Against last k, over all AVSS variants × counted tasks (2 comparisons), AVSS is better beyond the CIs in 0, "
+        "Against last k, over all AVSS variants × counted tasks (2 comparisons), AVSS is better (Holm-adjusted) in 0, "
         "worse in 0, indistinguishable in 0, prunes the same set in 1, has too few examples for a verdict in 1.")
     assert prose.comparison_sentence(c, r.assign(informative=False), "random", "avss:a") == (
         "There is no counted task on which to compare AVSS with random.")
@@ -111,11 +112,39 @@ def test_precision_sentence_for_each_case():
 def test_display_cells():
     base = {"method": "avss:a", "task_key": "sst2", "metric": "acc", "value": 0.4, "low": 0.3, "high": 0.5,
             "sd": np.nan, "min": np.nan, "max": np.nan, "n_seeds": np.nan, "retention": 50.0, "retention_low": 4.25,
-            "retention_high": 61.0, "informative": False}
-    assert display.retention_cell(pd.Series(base)) == "0.400 [0.300, 0.500] · 50% [4.2, 61] †"
+            "retention_high": 61.0, "chance_corrected": -20.0, "chance_corrected_low": -50.0,
+            "chance_corrected_high": 0.0, "informative": False}
+    assert display.retention_cell(pd.Series(base)) == (
+        "0.400 [0.300, 0.500] · raw 50% [4.2, 61] · above chance -20% [-50, 0] †")
     pooled = {**base, "method": "random", "metric": "perplexity", "value": 30.0, "min": 20.0, "max": 45.0,
               "n_seeds": 2, "informative": True}
-    assert display.retention_cell(pd.Series(pooled)) == "30.00 (seeds 20.00–45.00) · 50% [4.2, 61]"
+    assert display.retention_cell(pd.Series(pooled)) == "30.00 (seeds 20.00–45.00) · raw 50% [4.2, 61]"
     table = display.comparison_display(_comparison())
     assert list(table.index) == ["last k", "random"] and list(table.columns) == ["nq_open", "sst2"]
     assert table.loc["random", "nq_open"] == "worse: 1" and pd.isna(table.loc["last k", "nq_open"])
+
+
+def test_chance_corrected_phrases_read_their_own_column():
+    r = _retention().assign(chance_corrected=lambda f: f["retention"] - 60, chance_corrected_low=lambda f:
+                            f["retention_low"] - 60, chance_corrected_high=lambda f: f["retention_high"] - 60)
+    assert prose.retention_list(r, "avss:a", "chance_corrected") == "sst2 35% [31, 39]"
+    assert prose.holding_variants(r, "chance_corrected") == [] and prose.holding_variants(r) == ["avss:a"]
+    assert prose.worst_task(r, "avss:b", "chance_corrected") == "-16% (sst2, sentiment)"
+
+
+def test_family_and_exploratory_sentences():
+    c = pd.DataFrame({"p_value": [0.01, 0.04, np.nan, 0.2], "p_holm": [0.03, 0.08, np.nan, 0.2]})
+    assert prose.family_sentence(c, 0.05) == (
+        "The comparison family has 3 tests (every AVSS variant × baseline × task with enough examples and different "
+        "layers); 1 are significant at a family-wise error rate of 5% after Holm's adjustment, against 2 unadjusted.")
+    assert prose.family_sentence(c.iloc[[2]], 0.05) == "No comparison has enough paired examples for a test."
+    primary = Verdict("A1", "avss:a", "does not hold", "rule", summary="AVSS a: 5%")
+    other = Verdict("A1", "avss:b", "undefined", "rule", summary="AVSS b: ties", analysis="exploratory")
+    assert prose.exploratory_sentence([primary, other]) == (
+        "Exploratory, not the claim's verdict: AVSS b: ties — undefined.")
+    assert prose.exploratory_sentence([primary]) == "There is no exploratory verdict."
+
+
+def test_detectable_phrase_both_ways():
+    assert prose.detectable_phrase(12.345) == "12.3 points"
+    assert prose.detectable_phrase(None) == prose.detectable_phrase(float("nan")) == "not defined (no counted task)"

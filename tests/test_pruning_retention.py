@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from avss_lib.core.benchmarks import load_benchmark
+from avss_lib.core.benchmarks import Benchmark, load_benchmark
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.resampling import paired_resamples
 from avss_lib.pruning import retention as tables
@@ -94,7 +95,8 @@ def _synthetic(task: str = "sst2") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 
 def test_retention_table_by_hand():
     plan, summary, per_example = _synthetic()
-    retention = tables.retention_table(plan, summary, per_example, 0.25, ["sst2"], n_resamples=300)
+    retention = tables.retention_table(plan, summary, per_example, 0.25, ["sst2"], n_resamples=300,
+                                       chance={"sst2": 0.5})
     r = retention.set_index("method")
     assert list(r.index) == ["unpruned", "avss:x", "last_k", "block_influence", "random"]
     assert r.loc["avss:x", "retention"] == pytest.approx(50.0)  # 0.4 / 0.8
@@ -106,6 +108,12 @@ def test_retention_table_by_hand():
     assert rnd["sd"] == pytest.approx(math.sqrt(0.005)) and (rnd["min"], rnd["max"]) == pytest.approx((0.6, 0.7))
     assert math.isnan(rnd["low"]) and rnd["set_ids"] == "R0 R1"
     assert r["informative"].all() and (r["chance"] == 0.5).all()  # unpruned low 0.75 > 1/2
+    # above chance: (0.4 - 0.5) / (0.8 - 0.5) for AVSS, (0.65 - 0.5) / 0.3 for the random seeds' mean
+    assert r["chance_corrected"].tolist() == pytest.approx([100.0, -100 / 3, 100.0, -100 / 3, 50.0])
+    assert r.loc["avss:x", "chance_corrected_low"] < -100 / 3 < r.loc["avss:x", "chance_corrected_high"]
+    assert r.loc["avss:x", "chance_corrected_high"] < r.loc["avss:x", "retention_low"]
+    with pytest.raises(ConfigError, match="no chance level"):
+        tables.retention_table(plan, summary, per_example, 0.25, ["sst2"], n_resamples=10, chance={})
     strict = tables.retention_table(plan, summary, per_example, 0.25, ["sst2"], n_resamples=10, chance={"sst2": 0.9})
     assert not strict["informative"].any() and (strict["chance"] == 0.9).all()
 
@@ -115,6 +123,11 @@ def test_comparison_table_by_hand():
     comparison = tables.comparison_table(plan, per_example, summary, 0.25, ["sst2"], n_resamples=300)
     c = comparison.set_index("baseline")
     assert list(c.index) == ["last_k", "random", "block_influence"]
+    # 300 resamples, none at or above 0: two-sided add-one p = 2 (0 + 1) / 301; Holm over the two tests
+    # multiplies the smaller by 2 and keeps the step-down monotone: both 4/301
+    assert c.loc[["last_k", "random"], "p_value"].tolist() == pytest.approx([2 / 301, 2 / 301])
+    assert c.loc[["last_k", "random"], "p_holm"].tolist() == pytest.approx([4 / 301, 4 / 301])
+    assert math.isnan(c.loc["block_influence", "p_holm"])
     assert c.loc["last_k", "difference"] == pytest.approx(-0.4) and c.loc["last_k", "verdict"] == "worse"
     assert c.loc["random", "difference"] == pytest.approx(0.4 - 0.65) and c.loc["random", "verdict"] == "worse"
     assert c.loc["last_k", "high"] < 0
@@ -176,11 +189,59 @@ def test_chance_levels_from_the_examples():
     shapes = [(len(e.choices), len(e.correct_choices)) for e in wikiqa.examples]
     assert shapes == [(3, 2), (1, 1), (2, 0)]
     assert tables.chance_level("wikiqa", wikiqa, n_permutations=4000) == pytest.approx(65 / 72, abs=0.01)
-    assert tables.chance_level("sciq", wikiqa) == 0.25 and tables.chance_level("wikitext2", wikiqa) is None
-    assert tables.chance_level("truthfulqa_gen", wikiqa) == 0.0
+    assert tables.chance_level("sciq", wikiqa) == pytest.approx((1 / 3 + 1 + 1 / 2) / 3)  # 1/n per question
+    assert tables.chance_level("sciq", load_benchmark("sciq", data_root=FIXTURES)) == 0.25
+    assert tables.chance_level("wikitext2", wikiqa) is None
+    sst2 = load_benchmark("sst2", data_root=FIXTURES)
+    assert [e.label for e in sst2.examples] == [1, 0, 1, 0] and tables.chance_level("sst2", sst2) == 0.5
+    skewed = Benchmark("sst2", sst2.examples[:3], sst2.provenance)
+    assert tables.chance_level("sst2", skewed) == pytest.approx(2 / 3)  # the majority class, not 1/2
+    # always answering "I have no comment." matches that true reference exactly on every question
+    assert tables.chance_level("truthfulqa_gen", load_benchmark("truthfulqa_gen", data_root=FIXTURES)) == 1.0
+    # no gold answer is shared by two NQ questions: the best constant answer is right once in four
+    assert tables.chance_level("nq_open", load_benchmark("nq_open", data_root=FIXTURES)) == 0.25
+    shared = load_benchmark("nq_open", data_root=FIXTURES).examples
+    twice = Benchmark("nq_open", [shared[0], replace(shared[1], answers=("Anna  berg",))], {})
+    assert tables.chance_level("nq_open", twice) == 1.0  # "anna berg" after normalisation answers both
+    with pytest.raises(ConfigError, match="no chance level"):
+        tables.chance_level("mmlu", wikiqa)
 
 
 def test_informative_compares_the_unpruned_low_end_with_chance():
-    assert not tables.informative("sst2", 0.5) and tables.informative("sst2", 0.55)
-    assert not tables.informative("nq_open", 0.0) and tables.informative("wikitext2", -1e9)
+    assert not tables.informative("sst2", 0.5, 0.5) and tables.informative("sst2", 0.55, 0.5)
+    assert not tables.informative("nq_open", 0.0, 0.0) and tables.informative("wikitext2", -1e9, None)
+    assert not tables.informative("sst2", 0.9, None)  # no chance level: nothing to be above
     assert not tables.informative("truthfulqa_mc", 0.3, chance=0.35) and tables.informative("truthfulqa_mc", 0.3, 0.2)
+
+
+def test_the_held_out_best_variant_is_chosen_and_scored_on_disjoint_examples():
+    plan, summary, per_example = _synthetic()
+    i = np.arange(200)
+    good = (i % 10 < 8).astype(float)  # as good as the unpruned model everywhere
+    plan = pd.concat([plan, plan.iloc[[0]].assign(method="avss:y", set_id="Y")], ignore_index=True)
+    per_example = pd.concat([per_example, pd.DataFrame({"set_id": "Y", "task_key": "sst2", "task": "sst2",
+                                                        "id": i.astype(str), "num": good, "den": 1.0})])
+    summary = pd.concat([summary, summary[summary["set_id"] == "A"].assign(set_id="Y")], ignore_index=True)
+    best, scored = tables.held_out_best(plan, summary, per_example, 0.25, ["sst2"], chance={"sst2": 0.5},
+                                        column="chance_corrected", n_resamples=50, seed=3)
+    assert best == "avss:y"
+    assert scored["method"].tolist() == ["unpruned", "avss:y"]
+    assert scored.set_index("method").loc["avss:y", "chance_corrected"] == pytest.approx(100.0)
+    # the scoring half is the complement of the choosing half: recompute the split and check one example
+    ids = per_example.loc[per_example["set_id"] == "none", "id"].unique()
+    choosing = set(np.random.default_rng(3).permutation(ids)[:100])
+    assert len(choosing) == 100
+    flipped = per_example.copy()
+    flipped.loc[(flipped["set_id"] == "Y") & ~flipped["id"].isin(choosing), "num"] = 0.0  # Y fails where scored
+    best, scored = tables.held_out_best(plan, summary, flipped, 0.25, ["sst2"], chance={"sst2": 0.5},
+                                        column="chance_corrected", n_resamples=50, seed=3)
+    assert best == "avss:y"  # still chosen: the choosing half did not see the failure
+    assert scored.set_index("method").loc["avss:y", "chance_corrected"] < -100  # and scored where it fails
+
+
+def test_held_out_best_needs_two_examples_to_split_a_task():
+    plan, summary, per_example = _synthetic()
+    one = per_example[per_example["id"] == "0"]
+    with pytest.raises(DataError, match="two examples"):
+        tables.held_out_best(plan, summary, one, 0.25, ["sst2"], chance={"sst2": 0.5}, column="retention",
+                             n_resamples=10)

@@ -13,14 +13,15 @@ from avss_lib.core import artifacts as art
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.layer_removal import layers_for_ratio
 from avss_lib.pruning.plan import BASE_SET, set_id
+from avss_lib.pruning.retention import MIN_EXAMPLES_FOR_VERDICT
 from avss_lib.pruning.stage import check_upstream
 from avss_lib.pruning.tasks import PRIMARY_METRIC
-from avss_lib.pruning.verdict import RETAINED, RETENTION_THRESHOLD, a1_outcome
+from avss_lib.pruning.verdict import DECIDED, RETAINED, RETENTION_THRESHOLD, a1_outcome
 from avss_lib.testing.tiny_models import tiny_model
 from conftest import needs_data, stage_verdicts
 
 SMOKE_TASKS = {"nq_open", "triviaqa", "sciq", "truthfulqa_mc", "truthfulqa_gen", "wikiqa", "sst2", "wikitext2"}
-PRIMARY = "avss:authors_code"
+PRIMARY = "avss:block_rel"  # the smoke profile's pre-registered primary_variant
 
 
 def check_pruning_artifacts(run_dir: Path) -> None:
@@ -43,7 +44,8 @@ def check_pruning_artifacts(run_dir: Path) -> None:
 
     # retention: the unpruned row is the results' value; every other % follows from the per-example numbers
     assert set(retention["task_key"]) == SMOKE_TASKS
-    assert {"unpruned", PRIMARY, "random", "last_k", "block_influence", "angular_distance", "delta_ppl"} <= set(
+    assert {"unpruned", PRIMARY, "random", "last_k", "block_influence", "angular_distance", "gromov_block", "delta_ppl",
+            "sleb"} <= set(
         retention["method"])
     value = results.set_index(["set_id", "task_key", "metric"])["value"]
     for row in retention[retention["method"] != "random"].itertuples():
@@ -62,15 +64,24 @@ def check_pruning_artifacts(run_dir: Path) -> None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 expected = 100 * np.float64(mine["num"].mean()) / np.float64(base["num"].mean())
             assert row.retention == pytest.approx(expected, rel=1e-9, nan_ok=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                corrected = 100 * (np.float64(mine["num"].mean()) - row.chance) / (base["num"].mean() - row.chance)
+            assert row.chance_corrected == pytest.approx(corrected, rel=1e-9, nan_ok=True)
     assert set(retention.loc[retention["method"] == "random", "n_seeds"]) == {5}
 
-    # the comparison's verdicts follow from its intervals
+    # the comparison's verdicts follow from Holm's adjustment over every tested comparison
     comparison = art.COMPARISON.read(run_dir)
     assert {"random", "last_k"} <= set(comparison["baseline"])
-    for row in comparison.itertuples():
-        expected = ({"better"} if row.low > 0 else {"worse"} if row.high < 0 else {"indistinguishable"})
-        assert row.verdict in expected | {"same set", "too few examples"}
-        assert row.low <= row.difference <= row.high
+    sizes = per_example[per_example["set_id"] == BASE_SET].groupby("task_key").size()
+    few = comparison["task_key"].map(sizes) < MIN_EXAMPLES_FOR_VERDICT
+    assert (comparison.loc[few & (comparison["verdict"] != "same set"), "verdict"] == "too few examples").all()
+    assert comparison.loc[few, "p_value"].isna().all()
+    tested = comparison.dropna(subset=["p_value"])
+    assert (tested["p_holm"] >= tested["p_value"]).all()
+    assert set(comparison.loc[comparison["p_value"].isna(), "verdict"]) <= {"same set", "too few examples"}
+    for row in tested.itertuples():
+        expected = ("indistinguishable" if row.p_holm >= 0.05 else "better" if row.difference > 0 else "worse")
+        assert row.verdict == expected and row.low <= row.difference <= row.high
 
     # the curve starts at the unpruned score, and the speed was measured on the primary set, best of 3 runs
     curve = art.CURVE.read(run_dir)
@@ -88,26 +99,36 @@ def check_pruning_artifacts(run_dir: Path) -> None:
         assert row.value == value[(BASE_SET, row.task_key, row.metric)]
         assert row.difference == pytest.approx(row.value - row.value_float32)
 
-    # the oracle ran on chapter 01's calibration batches (all 8 samples of the smoke profile)
+    # the oracle ran on chapter 01's calibration batches (all 8 samples of the smoke profile), validation text
+    # disjoint from every evaluated split
     calibration = art.CALIBRATION.read(run_dir)
-    assert provenance["oracle_calibration"] == {"n_batches": calibration["n_batches"], "n_tokens": calibration["n_tokens"]}
+    evaluated = sorted({f"{p['benchmark']}/{p['split']}" for p in provenance["benchmarks"].values()})
+    assert provenance["oracle_calibration"] == {"source": "wikitext2/validation", "disjoint_from": evaluated,
+                                                "n_batches": calibration["n_batches"], "n_tokens": calibration["n_tokens"]}
+    assert "wikitext2/test" in evaluated
     assert all(p["files"] and p["sha256"] for p in provenance["benchmarks"].values())
     assert provenance["model"]["spec"] == "smollm2-135m-instruct"
 
-    # the verdicts record one condition per counted task, with the retention table's numbers
+    # the primary verdict (chance-corrected, as pre-registered) and the authors' raw one record the tie condition
+    # and one condition per counted task, with the retention table's numbers; the held-out best comes last
     verdicts = stage_verdicts(run_dir, "03_pruning", "A1")
-    assert verdicts[0].subject == PRIMARY
+    assert [(v.subject, v.analysis) for v in verdicts[:2]] == [(PRIMARY, "primary"), ("avss:authors_code", "exploratory")]
+    assert len(verdicts) == 3 and verdicts[2].analysis == "exploratory"
     counted = retention[retention["informative"]].drop_duplicates("task_key")["task_key"].tolist()
-    for v in verdicts:
+    at = plan[plan["ratio"] == 0.25].set_index("method")
+    for v, column in zip(verdicts, ("chance_corrected", "retention")):
         rows = retention[retention["method"] == v.subject].set_index("task_key")
-        assert [c.group for c in v.conditions] == counted
-        for c in v.conditions:
+        assert v.condition(DECIDED).met == (not at.loc[v.subject, "arbitrary"])
+        per_task = [c for c in v.conditions if c.name == RETAINED]
+        assert [c.group for c in per_task] == counted
+        for c in per_task:
             r = rows.loc[c.group]
-            assert (c.name, c.value, c.low, c.high, c.threshold) == (
-                RETAINED, r["retention"], r["retention_low"], r["retention_high"], RETENTION_THRESHOLD)
-            assert c.met == (r["retention_low"] >= RETENTION_THRESHOLD)
-        assert v.outcome == a1_outcome(v.conditions)
-        assert v.numbers["retention"] == rows.loc[counted, "retention"].min()
+            assert (c.value, c.low, c.high, c.threshold) == (
+                r[column], r[f"{column}_low"], r[f"{column}_high"], RETENTION_THRESHOLD)
+            assert c.met == (r[f"{column}_low"] >= RETENTION_THRESHOLD)
+        if counted:
+            assert v.numbers["retention"] == rows.loc[counted, column].min()
+    assert all(v.outcome == a1_outcome(v.conditions) for v in verdicts)
 
 
 @pytest.mark.slow

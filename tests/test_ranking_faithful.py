@@ -84,3 +84,12 @@ def test_glue_values_are_the_facts():
     assert glued["faithful_zero_layers"] == "1" and glued["faithful_jump_next"] == 2
     assert glued["faithful_threshold"] == "$|a| < 1e-05$" and not any(isinstance(v, bool) for v in glued.values())
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in glued.values())
+
+
+@pytest.mark.parametrize(("model_type", "extra", "opening"), [
+    ("llama", {}, "On this pre-norm model"), ("gemma3_text", {}, "On this model with pre- and post-norms"),
+    ("opt", {"do_layer_norm_before": False}, "On this post-norm model")])
+def test_norm_phrase_follows_the_models_config(model_type, extra, opening):
+    from types import SimpleNamespace
+
+    assert faithful.norm_phrase(norm_placement(SimpleNamespace(model_type=model_type, **extra))).startswith(opening)

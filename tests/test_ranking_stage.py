@@ -21,11 +21,11 @@ def test_activation_artifacts(smoke_run):
     block = stats[stats["site"] == "block_output"]
     assert block["cos_mean"].between(-1, 1).all() and (block["hidden"] == 576).all()
     calibration = artifacts.CALIBRATION.read(smoke_run)
-    # the smoke profile: 8 wikitext2/test paragraphs padded to 48 tokens in batches of 4
-    assert (calibration["benchmark"], calibration["split"], calibration["n_samples"]) == ("wikitext2", "test", 8)
+    # the smoke profile: 8 wikitext2/validation paragraphs padded to 48 tokens in batches of 4
+    assert (calibration["benchmark"], calibration["split"], calibration["n_samples"]) == ("wikitext2", "validation", 8)
     assert (calibration["max_length"], calibration["padding"], calibration["n_batches"]) == (48, "max_length", 2)
     assert calibration["n_tokens"] == int(block["n_tokens"].iloc[0])  # every layer saw every valid token
-    assert list(calibration["sha256"]) == ["wikitext2/test.txt"] and calibration["source"] == "local"
+    assert list(calibration["sha256"]) == ["wikitext2/valid.txt"] and calibration["source"] == "local"
     provenance = artifacts.PROVENANCE_01.read(smoke_run)
     assert provenance["n_layers"] == 30 and provenance["norm_placement"] == "pre"
     assert provenance["model"]["spec"] == "smollm2-135m-instruct" and len(provenance["model"]["sha256"]) == 64

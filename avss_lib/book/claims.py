@@ -38,11 +38,15 @@ def _condition_row(c: Condition) -> dict[str, str]:
 
 
 def verdict_table(verdicts: list[tuple[str, Verdict]]) -> pd.DataFrame:
-    """One row per verdict: claim, statement, paper, ours, outcome, subject and chapter."""
+    """One row per verdict: claim, statement, paper, ours, outcome, analysis, subject and chapter; each claim's
+    pre-registered primary verdict first (an exploratory outcome is in plain type, not bold)."""
+    ordered = sorted(verdicts, key=lambda sv: (list(CLAIMS).index(sv[1].claim), sv[1].analysis != "primary"))
     return pd.DataFrame([{"claim": v.claim, "statement": CLAIMS[v.claim], "paper": PAPER[v.claim],
-                          "ours": v.summary, "verdict": f"**{v.outcome}**", "subject": v.subject, "chapter": stage}
-                         for stage, v in verdicts],
-                        columns=["claim", "statement", "paper", "ours", "verdict", "subject", "chapter"])
+                          "ours": v.summary,
+                          "verdict": f"**{v.outcome}**" if v.analysis == "primary" else v.outcome,
+                          "analysis": v.analysis, "subject": v.subject, "chapter": stage}
+                         for stage, v in ordered],
+                        columns=["claim", "statement", "paper", "ours", "verdict", "analysis", "subject", "chapter"])
 
 
 def untested_claims(verdicts: list[tuple[str, Verdict]]) -> list[str]:
@@ -57,8 +61,10 @@ def claims_markdown(run_dir: RunDir) -> str:
     parts = [
         "# Claims: verdicts",
         "Each row is generated from the artifacts of this build: the paper's number, ours with its 95% "
-        "confidence interval, and the outcome of the chapter's pre-stated rule (*holds*, *does not hold*, or "
-        "*inconclusive* when the intervals cannot separate the alternatives). The chapter named in the last "
+        "confidence interval, and the outcome of the chapter's pre-stated rule (*holds*, *does not hold*, "
+        "*inconclusive* when the intervals cannot separate the alternatives, or *undefined* when the subject "
+        "itself was not decided by the data). Each claim's verdict is its one pre-registered *primary* analysis "
+        "(in bold); *exploratory* rows are labelled so and decide nothing. The chapter named in the last "
         "column shows the evidence; below the table, each rule and the conditions it checked.",
     ]
     if not verdicts:
@@ -67,7 +73,7 @@ def claims_markdown(run_dir: RunDir) -> str:
         parts.append(verdict_table(verdicts).to_markdown(index=False))
         parts.append("## Rules and conditions")
         for stage, v in verdicts:
-            parts.append(f"### {v.claim}: {v.subject} ({stage})")
+            parts.append(f"### {v.claim}: {v.subject} ({v.analysis}, {stage})")
             parts.append(f"**{v.outcome}.** Rule: {v.rule}")
             if v.conditions:
                 parts.append(pd.DataFrame([_condition_row(c) for c in v.conditions]).to_markdown(index=False))

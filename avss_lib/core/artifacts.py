@@ -151,16 +151,23 @@ RESULTS = Artifact("03_pruning", "results.parquet", "every metric of every prune
                    columns=("set_id", "task_key", "task", "metric", "value", "low", "high"))
 PER_EXAMPLE = Artifact("03_pruning", "per_example.parquet", "the primary metric per example (num / den)",
                        columns=("set_id", "task_key", "task", "id", "num", "den"))
-RETENTION = Artifact("03_pruning", "retention.csv", "score and % of the unpruned score per method and task",
+RETENTION = Artifact("03_pruning", "retention.csv",
+                     "score, % of the unpruned score and its chance-corrected form per method and task",
                      columns=("method", "task_key", "task", "metric", "value", "low", "high", "retention",
-                              "retention_low", "retention_high", "informative"))
-COMPARISON = Artifact("03_pruning", "comparison.csv", "AVSS minus each baseline per task, paired CI",
-                      columns=("avss", "baseline", "task_key", "task", "difference", "low", "high", "verdict"))
+                              "retention_low", "retention_high", "chance", "chance_corrected",
+                              "chance_corrected_low", "chance_corrected_high", "informative"))
+COMPARISON = Artifact("03_pruning", "comparison.csv",
+                      "AVSS minus each baseline per task, paired CI, bootstrap p-value and its Holm adjustment",
+                      columns=("avss", "baseline", "task_key", "task", "difference", "low", "high", "p_value",
+                               "p_holm", "verdict"))
 CURVE = Artifact("03_pruning", "curve.csv", "primary metric against the fraction of layers removed",
                  columns=("method", "task_key", "metric", "fraction_removed", "value"))
 SPEARMAN = Artifact("03_pruning", "spearman.csv", "Spearman's rho between the methods' layer scores",
                     columns=("method",))
 JACCARD = Artifact("03_pruning", "jaccard.csv", "Jaccard overlap of the methods' pruned sets", columns=("method",))
+STABILITY = Artifact("03_pruning", "ranking_stability.csv",
+                     "each calibration-dependent ranking recomputed on disjoint calibration folds, pair by pair",
+                     columns=("method", "fold_a", "fold_b", "spearman", "jaccard"))
 SPEED = Artifact("03_pruning", "speed.json", "forward time of the pruned against the unpruned model")
 PRECISION = Artifact("03_pruning", "precision.csv", "the unpruned model in the run's dtype against float32",
                      columns=("task_key", "metric", "value", "value_float32", "difference"))

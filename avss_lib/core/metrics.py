@@ -3,8 +3,10 @@
 Conventions:
 
 - Confidence intervals are 95% bootstrap intervals from :func:`scipy.stats.bootstrap` with a fixed seed
-  (percentile method by default: it needs no jackknife, so it stays cheap on 10k-example sets). Every
-  interval is returned as ``(value, low, high)`` where ``value`` is the statistic on the full sample.
+  (percentile method by default: it needs no jackknife, so it stays cheap on 10k-example sets), except for a
+  proportion of successes (accuracy, exact match), whose interval is Wilson's score interval
+  (:func:`proportion_ci`, statsmodels): it does not collapse to a point at 0 or n successes. Every interval is
+  returned as ``(value, low, high)`` where ``value`` is the statistic on the full sample.
 - ECE is torchmetrics' :func:`~torchmetrics.functional.classification.binary_calibration_error` applied to
   (top-choice confidence, was-the-top-choice-correct): 15 equal-width bins on [0, 1], L1 norm, i.e. the
   standard top-label ECE. It is returned in percent. :func:`reliability_bins` uses the same bucketing.
@@ -20,6 +22,7 @@ import torch
 from numpy.typing import ArrayLike
 from scipy.special import logsumexp
 from scipy.stats import bootstrap
+from statsmodels.stats.proportion import proportion_confint
 from torchmetrics.functional.classification import binary_calibration_error
 
 from avss_lib.core.errors import ConfigError
@@ -50,6 +53,19 @@ def bootstrap_ci(
                     vectorized=True, confidence_level=confidence_level, method=method,
                     rng=np.random.default_rng(seed))
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def proportion_ci(successes: ArrayLike, *, confidence_level: float = 0.95) -> CI:
+    """Share of true values in a boolean (0/1) vector with Wilson's score interval (statsmodels
+    ``proportion_confint(method="wilson")``); raises :class:`ConfigError` for values other than 0 and 1."""
+    x = _as_1d(successes, "successes")
+    if not np.isin(x, (0, 1)).all():
+        raise ConfigError("a proportion needs 0/1 (False/True) values; use bootstrap_ci for a continuous metric")
+    if not 0 < confidence_level < 1:
+        raise ConfigError(f"confidence_level={confidence_level} must lie in (0, 1)")
+    k, n = int(x.sum()), len(x)
+    low, high = proportion_confint(k, n, alpha=1 - confidence_level, method="wilson")
+    return k / n, float(low), float(high)
 
 
 def bootstrap_statistic_ci(

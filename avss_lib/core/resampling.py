@@ -4,7 +4,8 @@ Two models (a pruned set and the unpruned model; two mitigation arms) scored on 
 by resampling the *examples* with replacement, the same draw for both, so the pairing is kept. When a side has
 several replicates of the same model (random seeds, training seeds, random-layer draws), each resample also
 draws its replicates with replacement (a two-level bootstrap), so run-to-run variance enters the interval.
-Intervals are percentile intervals of the statistic over the resamples.
+Intervals are percentile intervals of the statistic over the resamples; :func:`bootstrap_p_value` reads a
+p-value off the same draws, and :func:`holm` adjusts a family of them for multiple comparisons.
 """
 
 from __future__ import annotations
@@ -66,3 +67,28 @@ def percentile_interval(value: float, draws: np.ndarray, confidence_level: float
         return float(value), float("nan"), float("nan")
     alpha = (1 - confidence_level) / 2
     return float(value), float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
+
+
+def bootstrap_p_value(draws: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0": twice the smaller share of the finite draws on
+    either side of 0, with the add-one correction ``(count + 1) / (R + 1)`` so it is never 0 (capped at 1;
+    NaN when no draw is finite). It is the smallest level at which the percentile interval excludes 0."""
+    finite = np.asarray(draws, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return float("nan")
+    tail = min(int((finite <= 0).sum()), int((finite >= 0).sum()))
+    return float(min(1.0, 2 * (tail + 1) / (finite.size + 1)))
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (statsmodels ``multipletests(method="holm")``),
+    which controls the family-wise error rate at ``alpha``; NaN entries stay NaN and are not in the family."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    keep = np.isfinite(p)
+    if keep.any():
+        from statsmodels.stats.multitest import multipletests  # deferred: statsmodels is slow to import
+
+        adjusted[keep] = multipletests(p[keep], alpha=alpha, method="holm")[1]
+    return adjusted

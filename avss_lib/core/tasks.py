@@ -19,7 +19,9 @@ Each task returns a :class:`TaskResult`; ``correct`` is the column that defines 
   (``correct``) and alias containment.
 - ``truthfulqa_gen`` — primer prompt, greedy, ``max_new_tokens=50``, stop at a newline; ROUGE-L F (torchmetrics) against the
   best-matching true reference (plus "I have no comment.", as the harness adds) and the best-matching
-  false one; ``correct`` = the true one matches better (the harness's ``rougeL_acc``).
+  false one; ``correct`` = the true one matches better (the harness's ``rougeL_acc``). Because the abstention
+  is a true reference, always answering it scores near 100% (:func:`truthfulqa_constant_answer_score`): the
+  share of abstentions is reported beside the score (``no_comment_rate``).
 - ``wikitext2`` — sliding-window perplexity of the whole split (``max_length=1024``, ``stride=512`` by
   default); the bootstrap CI resamples windows, which are not independent: read it as approximate.
 
@@ -65,6 +67,7 @@ from avss_lib.core.metrics import (
     expected_calibration_error,
     mc2_score,
     perplexity,
+    proportion_ci,
     reciprocal_rank,
 )
 
@@ -137,7 +140,7 @@ def _choice_row(example_id: str, choices: Sequence[str], logliks: np.ndarray, go
 
 def _mc_result(task: str, rows: list[dict[str, Any]], settings: dict[str, Any], seed: int) -> TaskResult:
     frame = pd.DataFrame(rows)
-    summary = {"acc": _mean_ci(frame["correct"], seed), "acc_norm": _mean_ci(frame["correct_norm"], seed),
+    summary = {"acc": proportion_ci(frame["correct"]), "acc_norm": proportion_ci(frame["correct_norm"]),
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed)}
     return TaskResult(task, frame, summary, settings)
 
@@ -194,7 +197,7 @@ def evaluate_truthfulqa_mc(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         row["mc2_logliks"] = ll[n1:].tolist()
         rows.append(row)
     frame = pd.DataFrame(rows)
-    summary = {"mc1": _mean_ci(frame["correct"], seed), "mc2": _mean_ci(frame["mc2"], seed),
+    summary = {"mc1": proportion_ci(frame["correct"]), "mc2": _mean_ci(frame["mc2"], seed),
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed)}
     settings = _settings(model, benchmark, prompt=PROMPTS["truthfulqa"], max_length=max_length)
     return TaskResult("truthfulqa_mc", frame, summary, settings)
@@ -222,7 +225,7 @@ def evaluate_wikiqa(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchm
         scores = [c / choice_lengths(cs) for c, cs in zip(conditional, choices)]
     rows = [_ranking_row(e, s) for e, s in zip(examples, scores)]
     frame = pd.DataFrame(rows)
-    summary = {"acc": _mean_ci(frame["correct"], seed), "mrr": _mean_ci(frame["reciprocal_rank"], seed),
+    summary = {"acc": proportion_ci(frame["correct"]), "mrr": _mean_ci(frame["reciprocal_rank"], seed),
                "map": _mean_ci(frame["average_precision"], seed),
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed)}
     settings = _settings(model, benchmark, prompt=PROMPTS["wikiqa"], scoring=scoring, max_length=max_length,
@@ -259,8 +262,8 @@ def evaluate_open_qa(model: nn.Module, tokenizer: PreTrainedTokenizerBase, bench
              "alias_containment": alias_containment(g.text, e.answers), "confidence": g.confidence,
              "mean_logprob": g.mean_logprob, "n_tokens": g.n_tokens} for e, g in zip(examples, generations)]
     frame = pd.DataFrame(rows)
-    summary = {"exact_match": _mean_ci(frame["correct"], seed),
-               "alias_containment": _mean_ci(frame["alias_containment"], seed),
+    summary = {"exact_match": proportion_ci(frame["correct"]),
+               "alias_containment": proportion_ci(frame["alias_containment"]),
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed),
                "ece_containment": _ece_ci(frame["confidence"], frame["alias_containment"], seed)}
     settings = _settings(model, benchmark, prompt=template, stop=list(stop), max_new_tokens=max_new_tokens,
@@ -278,6 +281,28 @@ def _rouge_l(prediction: str, references: Sequence[str]) -> float:
     return float(rouge_score(prediction, [list(references)], accumulate="best", rouge_keys="rougeL")["rougeL_fmeasure"])
 
 
+def _truthfulqa_rouge(prediction: str, example: Example) -> dict[str, Any]:
+    """ROUGE-L of ``prediction`` against the true references (plus :data:`NO_COMMENT`) and the false ones, and
+    ``correct`` = the true side matches better (the harness's ``rougeL_acc``)."""
+    r_true = _rouge_l(prediction, list(dict.fromkeys([*example.answers, NO_COMMENT])))
+    r_false = _rouge_l(prediction, example.incorrect_answers)
+    return {"rougeL_max_true": r_true, "rougeL_max_false": r_false, "rougeL_diff": r_true - r_false,
+            "correct": r_true > r_false}
+
+
+def is_no_comment(prediction: str) -> bool:
+    """Whether a generated answer is the abstention :data:`NO_COMMENT` (case and surrounding space ignored)."""
+    return prediction.strip().lower() == NO_COMMENT.lower()
+
+
+def truthfulqa_constant_answer_score(benchmark: Benchmark, answer: str = NO_COMMENT) -> float:
+    """``rougeL_acc`` of a model that always answers ``answer`` on ``benchmark`` (TruthfulQA generation): the
+    floor a generated score must beat, since the harness counts :data:`NO_COMMENT` as a true reference."""
+    examples = _check_examples(benchmark, lambda e: bool(e.answers and e.incorrect_answers),
+                               "true and false references")
+    return float(np.mean([_truthfulqa_rouge(answer, e)["correct"] for e in examples]))
+
+
 def evaluate_truthfulqa_gen(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, *,
                             stop: Sequence[str] = ("\n",), max_new_tokens: int = 50, batch_size: int = 8,
                             max_length: int | None = None, add_bos: bool | None = None,
@@ -290,13 +315,12 @@ def evaluate_truthfulqa_gen(model: nn.Module, tokenizer: PreTrainedTokenizerBase
                                  batch_size=batch_size, max_length=max_length, add_bos=add_bos, desc="truthfulqa_gen")
     rows = []
     for e, g in zip(examples, tqdm(generations, desc="rouge", disable=len(generations) < 100)):
-        true_refs = list(dict.fromkeys([*e.answers, NO_COMMENT]))
-        r_true, r_false = _rouge_l(g.text, true_refs), _rouge_l(g.text, e.incorrect_answers)
-        rows.append({"id": e.id, "prediction": g.text, "rougeL_max_true": r_true, "rougeL_max_false": r_false,
-                     "rougeL_diff": r_true - r_false, "correct": r_true > r_false, "confidence": g.confidence,
+        rows.append({"id": e.id, "prediction": g.text, **_truthfulqa_rouge(g.text, e),
+                     "no_comment": is_no_comment(g.text), "confidence": g.confidence,
                      "mean_logprob": g.mean_logprob, "n_tokens": g.n_tokens})
     frame = pd.DataFrame(rows)
-    summary = {"rougeL_acc": _mean_ci(frame["correct"], seed), "rougeL_diff": _mean_ci(frame["rougeL_diff"], seed),
+    summary = {"rougeL_acc": proportion_ci(frame["correct"]), "rougeL_diff": _mean_ci(frame["rougeL_diff"], seed),
+               "no_comment_rate": proportion_ci(frame["no_comment"]),
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed)}
     settings = _settings(model, benchmark, prompt=PROMPTS["truthfulqa"], stop=list(stop),
                          max_new_tokens=max_new_tokens, max_length=max_length)

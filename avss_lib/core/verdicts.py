@@ -16,8 +16,11 @@ from typing import Any
 
 from avss_lib.core.errors import DataError
 
-#: The outcomes a claim's rule can reach.
-OUTCOMES: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
+#: The outcomes a claim's rule can reach; ``undefined`` when the subject itself is not determined by the data
+#: (e.g. a pruned set decided by the tie rule, not by the scores).
+OUTCOMES: tuple[str, ...] = ("holds", "does not hold", "inconclusive", "undefined")
+#: ``primary``: the one analysis the profile pre-registered for the claim; ``exploratory``: everything else.
+ANALYSES: tuple[str, ...] = ("primary", "exploratory")
 #: The claims of the two papers, as the study states them.
 CLAIMS: dict[str, str] = {
     "A1": "Removing the lowest-AVSS ~25% of layers keeps > 90% of performance (QA, language modelling, sentiment).",
@@ -59,12 +62,15 @@ class Verdict:
     conditions: tuple[Condition, ...] = ()
     summary: str = ""  # one line for the claims table: our number with its interval
     numbers: dict[str, float | None] = field(default_factory=dict)  # the headline numbers behind ``summary``
+    analysis: str = "primary"  # one of ANALYSES
 
     def __post_init__(self) -> None:
         if self.claim not in CLAIMS:
             raise DataError(f"unknown claim {self.claim!r}: the claims are {', '.join(CLAIMS)}")
         if self.outcome not in OUTCOMES:
             raise DataError(f"unknown outcome {self.outcome!r}: a rule reaches one of {OUTCOMES}")
+        if self.analysis not in ANALYSES:
+            raise DataError(f"unknown analysis {self.analysis!r}: a verdict is one of {ANALYSES}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,7 +82,8 @@ class Verdict:
     def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
         conditions = tuple(Condition(**c) for c in data.get("conditions", ()))
         return cls(claim=data["claim"], subject=data["subject"], outcome=data["outcome"], rule=data["rule"],
-                   conditions=conditions, summary=data.get("summary", ""), numbers=dict(data.get("numbers", {})))
+                   conditions=conditions, summary=data.get("summary", ""), numbers=dict(data.get("numbers", {})),
+                   analysis=data.get("analysis", "primary"))
 
     def condition(self, name: str, group: str = "") -> Condition:
         """The condition called ``name`` (for ``group``), with a clear error when the rule recorded none."""

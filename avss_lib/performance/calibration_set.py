@@ -20,6 +20,7 @@ from avss_lib.performance.parameter_checks import check_positive_int
 
 #: Where the settings come from when the run has no chapter 01 calibration record.
 DEFAULTS_SOURCE = "defaults"
+DEFAULT_DATASET, DEFAULT_SPLIT = calibration.DEFAULT_CALIBRATION_SOURCE
 
 
 def calibration_settings(record: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -31,20 +32,20 @@ def calibration_settings(record: Mapping[str, Any] | None) -> dict[str, Any]:
     ``source`` (the artifact's ``<stage>/<file>``, or :data:`DEFAULTS_SOURCE`).
     """
     if not record:
-        return {"dataset": "wikitext2", "split": "test", "padding": "max_length", "spec": activations.StatsSpec(),
+        return {"dataset": DEFAULT_DATASET, "split": DEFAULT_SPLIT, "padding": "max_length", "spec": activations.StatsSpec(),
                 "source": DEFAULTS_SOURCE}
     statistics = record.get("statistics") or {}
     default = activations.StatsSpec()
     spec = activations.StatsSpec(tuple(statistics.get("sites", default.sites)),
                                  tuple(statistics.get("abs_thresholds", default.abs_thresholds)),
                                  tuple(statistics.get("rel_taus", default.rel_taus)))
-    return {"dataset": record.get("benchmark", "wikitext2"), "split": record.get("split", "test"),
+    return {"dataset": record.get("benchmark", DEFAULT_DATASET), "split": record.get("split", DEFAULT_SPLIT),
             "padding": record.get("padding", "max_length"), "spec": spec,
             "source": f"{CALIBRATION.stage}/{CALIBRATION.filename}"}
 
 
 def base_batches(tokenizer: Any, *, data_root: str | None, n_samples: int, seed: int, max_length: int,
-                 batch_size: int, dataset: str = "wikitext2", split: str = "test",
+                 batch_size: int, dataset: str = DEFAULT_DATASET, split: str = DEFAULT_SPLIT,
                  padding: str = "max_length") -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
     """The base calibration batches (``n_samples`` seeded paragraphs, padded) and their data provenance."""
     check_positive_int("n_samples", n_samples)

@@ -14,19 +14,25 @@ from avss_lib.pruning.tasks import PRIMARY_METRIC, task_name
 
 
 def retention_heatmap(retention: pd.DataFrame) -> Figure:
-    """% of the unpruned score per method and task (random: mean over seeds); † = uninformative task."""
-    table = retention[retention["method"] != "unpruned"].pivot(index="method", columns="task_key", values="retention")
+    """% of the unpruned score per method and task (random: mean over seeds), as the paper reads it (left) and
+    above chance (right; perplexity: the perplexity ratio in both); † = uninformative task."""
     order = [m for m in dict.fromkeys(retention["method"]) if m != "unpruned"]
-    table = table.loc[order]
     informative = retention.drop_duplicates("task_key").set_index("task_key")["informative"]
-    fig, ax = plt.subplots(figsize=(1.25 * table.shape[1] + 3, 0.42 * table.shape[0] + 1.8))
-    sns.heatmap(table.clip(upper=150), cmap="RdYlGn", vmin=0, vmax=110, center=90, annot=table.round(0),
-                fmt=".0f", annot_kws={"fontsize": 7}, cbar_kws={"label": "% of unpruned score (clipped at 150)"}, ax=ax)
-    ax.set_yticklabels([method_label(m) for m in table.index], rotation=0)
-    ax.set_xticklabels([f"{k}{'' if informative.get(k, True) else ' †'}\n({PRIMARY_METRIC.get(task_name(k), '')})"
-                        for k in table.columns], rotation=30, ha="right", fontsize=8)
-    ax.set_xlabel("task (primary metric; † = unpruned score not above chance, ratio meaningless)")
-    ax.set_ylabel("ranking method")
+    pruned = retention[retention["method"] != "unpruned"]
+    n_tasks = pruned["task_key"].nunique()
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (1.1 * n_tasks + 2), 0.42 * len(order) + 2), sharey=True)
+    for ax, column, title in zip(axes, ("retention", "chance_corrected"),
+                                 ("raw % of unpruned score (the paper's reading)", "% of unpruned score above chance")):
+        table = pruned.pivot(index="method", columns="task_key", values=column).loc[order]
+        sns.heatmap(table.clip(lower=-50, upper=150), cmap="RdYlGn", vmin=0, vmax=110, center=90,
+                    annot=table.round(0), fmt=".0f", annot_kws={"fontsize": 7}, ax=ax,
+                    cbar_kws={"label": "% (colours clipped to [-50, 150])"})
+        ax.set_title(title, fontsize=9)
+        ax.set_yticklabels([method_label(m) for m in table.index], rotation=0)
+        ax.set_xticklabels([f"{k}{'' if informative.get(k, True) else ' †'}\n({PRIMARY_METRIC.get(task_name(k), '')})"
+                            for k in table.columns], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("task (primary metric; † = unpruned score not above chance)")
+        ax.set_ylabel("ranking method" if ax is axes[0] else "")
     fig.tight_layout()
     return fig
 

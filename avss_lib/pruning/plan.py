@@ -8,12 +8,13 @@
    (:func:`avss_lib.core.calibration_text.calibration_batches`).
 2. :func:`plan_pruned_sets` — for every method and ratio the ``layers_for_ratio`` lowest-scoring layers
    (:func:`avss_lib.ranking.baselines.select_lowest`: ties by layer index); identical layer sets get one
-   ``set_id`` so each is evaluated once (:func:`unique_sets`).
+   ``set_id`` so each is evaluated once (:func:`unique_sets`); methods that choose a set per size directly —
+   Gromov et al.'s contiguous block ``gromov_block`` (:func:`block_methods`) — join the plan beside them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,14 +31,15 @@ BASE_SET = "none"  # set_id of the unpruned model
 
 def method_scores(stats: pd.DataFrame, avss_scores: pd.DataFrame, *, random_seeds: Sequence[int],
                   model: nn.Module | None = None, oracle_batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                  sleb_layers: int = 0) -> dict[str, pd.Series]:
+                  sleb_layers: int = 0, sleb_batches: Sequence[Mapping[str, torch.Tensor]] | None = None
+                  ) -> dict[str, pd.Series]:
     """Per-layer scores (higher = more important, indexed by layer) of every method, in a fixed order.
 
     ``stats``: chapter 01's table (``block_output`` rows give BI and angular distance); ``avss_scores``:
     chapter 02's table (one ``avss`` column per variant; infinite scores rank last, ties by layer index).
     With ``model`` and ``oracle_batches`` the removal-ΔPPL oracle is added, and with ``sleb_layers > 0``
-    SLEB's greedy order of that many layers (removed first = lowest score; the rest keep their oracle order
-    above them). Raises :class:`DataError` when the tables disagree on the number of layers.
+    SLEB's greedy order of that many layers on ``sleb_batches`` (default: the oracle's; removed first = lowest
+    score; the rest keep their oracle order above them). Raises :class:`DataError` when the tables disagree on the number of layers.
     """
     block = stats[stats["site"] == "block_output"].sort_values("layer")
     if block.empty:
@@ -65,11 +67,21 @@ def method_scores(stats: pd.DataFrame, avss_scores: pd.DataFrame, *, random_seed
         delta = baselines.removal_delta_ppl(model, oracle_batches, progress=False)
         scores["delta_ppl"] = pd.Series(delta, index=layers)
         if sleb_layers:
-            order = baselines.greedy_removal_order(model, oracle_batches, sleb_layers, progress=False)
+            order = baselines.greedy_removal_order(model, oracle_batches if sleb_batches is None else sleb_batches,
+                                                   sleb_layers, progress=False)
             sleb = pd.Series(np.argsort(np.argsort(delta)).astype(float) + n_layers, index=layers)
             sleb[order] = np.arange(len(order), dtype=float)
             scores["sleb"] = sleb
     return scores
+
+
+def block_methods(model: nn.Module, oracle_batches: Sequence[Mapping[str, torch.Tensor]]
+                  ) -> dict[str, Callable[[int], list[int]]]:
+    """The methods that choose a set of ``n`` layers directly, from one pass over the oracle's calibration
+    batches: ``gromov_block``, the block of ``n`` consecutive layers whose last-token input and output are
+    closest in angle (:func:`avss_lib.ranking.baselines.gromov_block`)."""
+    inputs, outputs = baselines.last_token_states(model, oracle_batches)
+    return {"gromov_block": lambda n: baselines.gromov_block(inputs, outputs, n)}
 
 
 def method_family(method: str) -> str:
@@ -77,22 +89,30 @@ def method_family(method: str) -> str:
     return method.split(":", 1)[0]
 
 
-def plan_pruned_sets(scores: Mapping[str, pd.Series], ratios: Iterable[float], *, rounding: str = "round"
-                     ) -> pd.DataFrame:
+def plan_pruned_sets(scores: Mapping[str, pd.Series], ratios: Iterable[float], *, rounding: str = "round",
+                     blocks: Mapping[str, Callable[[int], list[int]]] | None = None) -> pd.DataFrame:
     """One row per (method, ratio): ``k`` layers to remove, the ``layers`` (sorted list), ``arbitrary`` (a
     selected layer's score is infinite, so the order among those layers was decided by the tie rule), and a
-    ``set_id`` shared by identical sets. Raises :class:`ConfigError` for a ratio outside (0, 1)."""
+    ``set_id`` shared by identical sets. ``blocks``: methods that choose a set for each ``k`` directly (e.g.
+    :func:`avss_lib.ranking.baselines.gromov_block`), after the ranked ones. Raises :class:`ConfigError` for a
+    ratio outside (0, 1)."""
     rows = []
     ratios = list(ratios)
     if not ratios:
         raise ConfigError("no pruning ratio given: give at least one fraction in (0, 1)")
+    if not scores:
+        raise ConfigError("no ranking to plan: give at least one method's scores")
+    n_layers = len(next(iter(scores.values())))
     for ratio in ratios:
+        k = layers_for_ratio(n_layers, float(ratio), rounding=rounding)
         for method, score in scores.items():
-            k = layers_for_ratio(len(score), float(ratio), rounding=rounding)
             layers = baselines.select_lowest(score, k)
             arbitrary = bool(np.isinf(score.loc[layers].to_numpy()).any())
             rows.append({"method": method, "family": method_family(method), "ratio": float(ratio), "k": k,
                          "fraction_removed": k / len(score), "layers": layers, "arbitrary": arbitrary})
+        for method, choose in (blocks or {}).items():
+            rows.append({"method": method, "family": method_family(method), "ratio": float(ratio), "k": k,
+                         "fraction_removed": k / n_layers, "layers": sorted(choose(k)), "arbitrary": False})
     plan = pd.DataFrame(rows)
     plan["set_id"] = plan["layers"].map(set_id)
     return plan

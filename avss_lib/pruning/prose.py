@@ -14,6 +14,7 @@ import pandas as pd
 
 from avss_lib.core.benchmarks import Benchmark
 from avss_lib.core.formatting import percent
+from avss_lib.core.verdicts import Verdict
 from avss_lib.pruning.display import score_text
 from avss_lib.pruning.plan import method_label
 from avss_lib.pruning.tasks import TASK_FAMILY, TaskSpec, task_name
@@ -42,38 +43,59 @@ def skipped_tasks_sentence(retention: pd.DataFrame) -> str:
             "a percentage of a score near zero is meaningless.")
 
 
-def holding_variants(retention: pd.DataFrame) -> list[str]:
-    """AVSS variants whose point-estimate retention is at least the threshold on every counted task (and that
-    have a counted task)."""
+def holding_variants(retention: pd.DataFrame, column: str = "retention") -> list[str]:
+    """AVSS variants whose point-estimate ``column`` (``retention`` or ``chance_corrected``) is at least the
+    threshold on every counted task (and that have a counted task)."""
     used = counted_tasks(retention)
     avss = retention[retention["method"].str.startswith("avss:") & retention["task_key"].isin(used)]
-    return [m for m, g in avss.groupby("method", sort=False) if (g["retention"] >= RETENTION_THRESHOLD).all()]
+    return [m for m, g in avss.groupby("method", sort=False) if (g[column] >= RETENTION_THRESHOLD).all()]
 
 
-def retention_list(retention: pd.DataFrame, method: str) -> str:
-    """``method``'s % of the unpruned score with its CI on each counted task: ``"sciq 44% [36, 52]; ..."``."""
+def retention_list(retention: pd.DataFrame, method: str, column: str = "retention") -> str:
+    """``method``'s ``column`` with its CI on each counted task: ``"sciq 44% [36, 52]; ..."``."""
     used = counted_tasks(retention)
     rows = retention[(retention["method"] == method) & retention["task_key"].isin(used)]
-    return "; ".join(f"{r.task_key} {percent(r.retention)}% [{percent(r.retention_low)}, {percent(r.retention_high)}]"
-                     for r in rows.itertuples()) or NO_TASK
+    return "; ".join(f"{r['task_key']} {percent(r[column])}% [{percent(r[column + '_low'])}, "
+                     f"{percent(r[column + '_high'])}]" for _, r in rows.iterrows()) or NO_TASK
 
 
-def worst_task(retention: pd.DataFrame, method: str) -> str:
-    """``method``'s lowest retention on a counted task, with the task and its family: ``"44% (sciq, ...)"``."""
+def worst_task(retention: pd.DataFrame, method: str, column: str = "retention") -> str:
+    """``method``'s lowest ``column`` on a counted task, with the task and its family: ``"44% (sciq, ...)"``."""
     rows = retention[(retention["method"] == method) & retention["task_key"].isin(counted_tasks(retention))]
     if rows.empty:
         return NO_TASK
-    worst = rows.loc[rows["retention"].idxmin()]
-    return f"{percent(worst['retention'])}% ({worst['task_key']}, {TASK_FAMILY.get(task_name(worst['task_key']), '')})"
+    worst = rows.loc[rows[column].idxmin()]
+    return f"{percent(worst[column])}% ({worst['task_key']}, {TASK_FAMILY.get(task_name(worst['task_key']), '')})"
 
 
-def best_worst_case(retention: pd.DataFrame) -> str:
-    """The ranking (random seeds pooled) with the best worst-case retention over the counted tasks, and that %."""
+def best_worst_case(retention: pd.DataFrame, column: str = "retention") -> str:
+    """The ranking (random seeds pooled) with the best worst-case ``column`` over the counted tasks, and that %
+    (exploratory: chosen on the same examples it is reported on)."""
     rows = retention[(retention["method"] != "unpruned") & retention["task_key"].isin(counted_tasks(retention))]
     if rows.empty:
         return NO_TASK
-    best = rows.groupby("method")["retention"].min().sort_values(ascending=False)
+    best = rows.groupby("method")[column].min().sort_values(ascending=False)
     return f"{method_label(best.index[0])} ({percent(best.iloc[0])}% on its worst counted task)"
+
+
+def family_sentence(comparison: pd.DataFrame, alpha: float) -> str:
+    """The size of the comparison family, how many of its comparisons are significant after Holm's adjustment,
+    and how many would be without it."""
+    tested = comparison.dropna(subset=["p_value"])
+    if tested.empty:
+        return "No comparison has enough paired examples for a test."
+    return (f"The comparison family has {len(tested)} tests (every AVSS variant × baseline × task with enough "
+            f"examples and different layers); {int((tested['p_holm'] < alpha).sum())} are significant at a "
+            f"family-wise error rate of {alpha:.0%} after Holm's adjustment, against "
+            f"{int((tested['p_value'] < alpha).sum())} unadjusted.")
+
+
+def exploratory_sentence(verdicts: Sequence[Verdict]) -> str:
+    """The exploratory verdicts, each with its outcome and summary (or that there are none)."""
+    rest = [v for v in verdicts if v.analysis == "exploratory"]
+    if not rest:
+        return "There is no exploratory verdict."
+    return "Exploratory, not the claim's verdict: " + "; ".join(f"{v.summary} — {v.outcome}" for v in rest) + "."
 
 
 def comparison_sentence(comparison: pd.DataFrame, retention: pd.DataFrame, baseline: str, primary: str) -> str:
@@ -84,7 +106,7 @@ def comparison_sentence(comparison: pd.DataFrame, retention: pd.DataFrame, basel
         return f"There is no counted task on which to compare AVSS with {method_label(baseline)}."
     counts = c["verdict"].value_counts()
     text = (f"Against {method_label(baseline)}, over all AVSS variants × counted tasks ({len(c)} comparisons), AVSS "
-            f"is better beyond the CIs in {counts.get('better', 0)}, worse in {counts.get('worse', 0)}, "
+            f"is better (Holm-adjusted) in {counts.get('better', 0)}, worse in {counts.get('worse', 0)}, "
             f"indistinguishable in {counts.get('indistinguishable', 0)}")
     if counts.get("same set", 0):
         text += f", prunes the same set in {counts['same set']}"
@@ -178,3 +200,28 @@ def speed_numbers(speed: Mapping[str, Any]) -> dict[str, float]:
             "seconds_pruned": speed["seconds_pruned"], "seconds_unpruned": speed["seconds_unpruned"],
             "measured_speedup": speed["measured_speedup"], "theoretical_speedup": speed["theoretical_speedup_layers"],
             "estimated_speedup": speed["estimated_speedup_params"]}
+
+
+def stability_sentence(stability: pd.DataFrame, primary: str) -> str:
+    """How far the rankings move between disjoint calibration folds: the ``primary`` variant's smallest ρ and
+    Jaccard overlap, and the least and most stable ranked methods by their smallest ρ."""
+    if stability.empty:
+        return "Ranking stability was not measured (stability_folds = 0)."
+    n_folds = len(set(stability["fold_a"]) | set(stability["fold_b"]))
+    worst = stability.groupby("method", sort=False)["spearman"].min().dropna().sort_values(kind="stable")
+    text = f"Recomputed on {n_folds} disjoint calibration folds"
+    own = stability[stability["method"] == primary]
+    if not own.empty:
+        text += (f", {method_label(primary)} keeps Spearman ρ ≥ {own['spearman'].min():.2f} between any two folds "
+                 f"and removes sets that overlap by Jaccard ≥ {own['jaccard'].min():.2f}")
+    if len(worst):
+        text += (f"; the least stable ranking is {method_label(worst.index[0])} (ρ ≥ {worst.iloc[0]:.2f}), the most "
+                 f"stable {method_label(worst.index[-1])} (ρ ≥ {worst.iloc[-1]:.2f})")
+    return text + "."
+
+
+def detectable_phrase(half_width: float | None) -> str:
+    """The minimum detectable effect of the A1 rule in points (the widest CI half-width), or why there is none."""
+    if half_width is None or not math.isfinite(half_width):
+        return "not defined (no counted task)"
+    return f"{half_width:.1f} points"

@@ -11,6 +11,9 @@ return the same kind they are given.
 - :func:`angular_distance`: arccos(cos(layer input, layer output)) / pi at the last non-pad token (Gromov et al.).
 - :func:`removal_delta_ppl`: calibration perplexity with the layer skipped minus the unpruned one.
 - :func:`greedy_removal_order`: SLEB-style iterative removal by least perplexity increase.
+- :func:`gromov_block`: Gromov et al.'s contiguous block of ``n`` layers whose input and output (at the last
+  token) are closest in angle (:func:`block_angular_distances` on :func:`last_token_states`) — a set, not a
+  per-layer score.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from avss_lib.core.activation_stats import site_hooks
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.layers import find_layers
 from avss_lib.core.layer_removal import skip_layers
@@ -199,3 +203,50 @@ def _skipped_perplexity(model: nn.Module, batches: list[Batch], layers: list[int
     """Calibration perplexity of ``model`` with ``layers`` skipped."""
     with skip_layers(model, layers):
         return calibration_perplexity(model, batches)
+
+
+def last_token_states(model: nn.Module, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    """Every decoder layer's input and output hidden state at each sample's last non-pad token, as two float64
+    arrays of shape (n_layers, n_samples, hidden) (right-padded batches, one forward pass each, no gradients)."""
+    device = next(model.parameters()).device
+    inputs: dict[int, list[np.ndarray]] = {}
+    outputs: dict[int, list[np.ndarray]] = {}
+    last = torch.zeros(0, dtype=torch.long)
+
+    def keep(site: str, layer: int, output: torch.Tensor, block_input: torch.Tensor | None) -> None:
+        rows = torch.arange(output.shape[0])
+        outputs.setdefault(layer, []).append(output[rows, last].double().cpu().numpy())
+        inputs.setdefault(layer, []).append(block_input[rows, last].double().cpu().numpy())
+
+    with torch.no_grad(), site_hooks(model, ["block_output"], keep):
+        for batch in batches:
+            mask = batch["attention_mask"].to(device)
+            _check_right_padded(mask)
+            last = (mask.sum(1) - 1).clamp(min=0).cpu()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+    if not outputs:
+        raise DataError("no calibration batch was given: last-token states need at least one sample")
+    layers = sorted(outputs)
+    return (np.stack([np.concatenate(inputs[i]) for i in layers]),
+            np.stack([np.concatenate(outputs[i]) for i in layers]))
+
+
+def block_angular_distances(inputs: np.ndarray, outputs: np.ndarray, n: int) -> np.ndarray:
+    """Gromov et al.'s angular distance of every block of ``n`` consecutive layers: for each start ``l`` in
+    ``0..n_layers-n``, the mean over samples of ``arccos(cos(input of l, output of l+n-1)) / pi``.
+    ``inputs``/``outputs``: :func:`last_token_states`."""
+    n_layers = inputs.shape[0]
+    if not 1 <= n <= n_layers:
+        raise ConfigError(f"a block of {n} layers is not possible with {n_layers} layers: choose 1 <= n <= {n_layers}")
+    a, b = inputs[: n_layers - n + 1], outputs[n - 1:]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return (np.arccos(np.clip(cos, -1.0, 1.0)) / math.pi).mean(axis=1)
+
+
+def gromov_block(inputs: np.ndarray, outputs: np.ndarray, n: int) -> list[int]:
+    """The ``n`` consecutive layers with the smallest :func:`block_angular_distances` (ties: the shallower
+    block); no layer for ``n = 0``."""
+    if n == 0:
+        return []
+    start = int(np.argmin(block_angular_distances(inputs, outputs, n)))
+    return list(range(start, start + n))
