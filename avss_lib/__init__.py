@@ -7,8 +7,8 @@ chapter (notebook)          wing                     reads -> writes (artifacts,
 02 AVSS ranking             ``ranking``              01 -> ``AVSS_SCORES``, ``SELECTIONS``
 03 pruning (claim A1)       ``pruning``              01, 02 -> ``METHOD_SCORES``, ``PRUNED_SETS``, ``RESULTS``, ``RETENTION``,
                                                      ``COMPARISON``, ``CURVE``, ``SPEED``, ``VERDICT_03`` ...
-04 hallucination (E1)       ``hallucination``        02 -> ``ANSWERS``, ``EXAMPLE_STATS``, ``EAVSS_SCORES``, ``EAVSS_LAYERS``, ``VERDICT_04``
-05 mitigation (E2)          ``mitigation``           02, 04 -> ``SPLIT``, ``ARMS``, ``MITIGATION_PER_EXAMPLE``, ``ARM_METRICS``, ``VERDICT_05``
+04 hallucination (E1)       ``hallucination``        02 -> ``ANSWERS``, ``QUESTION_SPLIT``, ``EXAMPLE_STATS``, ``EAVSS_LAYERS``, ``VERDICT_04``
+05 mitigation (E2)          ``mitigation``           02, 04 -> ``TRAIN_EXAMPLES``, ``ARMS``, ``MITIGATION_PER_EXAMPLE``, ``ARM_METRICS``, ``VERDICT_05``
 06 performance appendix     ``performance``          01 and every stage's ``_done.json`` -> ``OVERHEAD``, ``MEMORY``, ``SPEEDUP`` ...
 the book                    ``book``                 every stage -> the claims chapter, the reproducibility appendix
 ==========================  =======================  =================================================================

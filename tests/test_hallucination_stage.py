@@ -12,6 +12,7 @@ import pytest
 
 from avss_lib.book.pipeline import load_profile
 from avss_lib.core import artifacts as art
+from avss_lib.core.splits import EVALUATION, SELECTION, side_ids
 from avss_lib.hallucination.answers import DATASETS, hallucination_labels
 from avss_lib.hallucination.eavss import EavssConfig, eavss_table
 from avss_lib.hallucination.group_stats import SmallClassWarning
@@ -127,3 +128,17 @@ def test_every_glue_key_of_the_chapter_is_glued(smoke_run):
     glued = {o["metadata"]["scrapbook"]["name"] for c in notebook["cells"] if c["cell_type"] == "code"
              for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
     assert used and used <= glued, sorted(used - glued)
+
+
+@pytest.mark.slow
+@needs_data
+def test_layers_are_chosen_on_the_selection_half_only(smoke_run):
+    """The split covers every answer once; the statistics that chose the layers hold selection-half examples only."""
+    answers, split, stats = (a.read(smoke_run) for a in (art.ANSWERS, art.QUESTION_SPLIT, art.EXAMPLE_STATS))
+    assert sorted(zip(split["dataset"], split["id"].astype(str))) == sorted(zip(answers["dataset"],
+                                                                                  answers["id"].astype(str)))
+    for name in DATASETS:
+        selection = set(side_ids(split, name, SELECTION))
+        assert selection and set(side_ids(split, name, EVALUATION))
+        measured = set(stats.loc[stats["dataset"] == name, "example_id"].astype(str))
+        assert measured and measured <= selection

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from avss_lib.core.artifacts import (ANSWERS, EAVSS_LAYERS, MITIGATION_PER_EXAMPLE, PROVENANCE_04, RUN_CHECKPOINT,
-                                     RUN_RESULT, RUNS, TRAIN_LOGS, mitigation_run_dir)
+from avss_lib.core.artifacts import (ANSWERS, EAVSS_LAYERS, MITIGATION_PER_EXAMPLE, PROVENANCE_04, QUESTION_SPLIT,
+                                     RUN_CHECKPOINT, RUN_RESULT, RUNS, TRAIN_LOGS, mitigation_run_dir)
 from avss_lib.core.benchmarks import Benchmark, Example
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.metrics import reliability_bins
-from avss_lib.core.splits import normalize_question
+from avss_lib.core.splits import EVALUATION, SELECTION, normalize_question, split_datasets
 from avss_lib.core.tasks import PROMPTS
 from avss_lib.mitigation import arms as am
 from avss_lib.mitigation import figures, prose, runs, tables
@@ -142,21 +142,27 @@ def test_dataset_without_hallucinations_raises() -> None:
     bench = _benchmarks()
     answers = _answers(bench)
     answers.loc[answers["dataset"] == "nq_open", ["correct", "correct_exact_match", "correct_alias_containment"]] = True
-    split = td.split_answers(answers, td.DATASETS, seed=0)
+    split = split_datasets(answers, td.DATASETS, seed=0)
     with pytest.raises(DataError, match=r"\['nq_open'\] have no hallucinated answer"):
         td.build_training_frame(answers, split, bench)
 
 
-def test_missing_dataset_columns_and_prompts_raise() -> None:
+def test_missing_dataset_columns_prompts_and_a_foreign_split_raise() -> None:
     bench = _benchmarks()
     answers = _answers(bench)
+    split = split_datasets(answers, td.DATASETS, seed=0)
     with pytest.raises(DataError, match="no rows for"):
-        td.split_answers(answers[answers["dataset"] != "sciq"], td.DATASETS)
+        td.split_for(split, answers[answers["dataset"] != "sciq"], td.DATASETS)
     with pytest.raises(DataError, match="lacks column"):
-        td.split_answers(answers.drop(columns=["correct_alias_containment"]), td.DATASETS)
+        td.split_for(split, answers.drop(columns=["correct_alias_containment"]), td.DATASETS)
+    with pytest.raises(DataError, match="question split of sciq does not match"):
+        td.split_for(split.drop(index=split.index[split["dataset"] == "sciq"][0]), answers, td.DATASETS)
+    with pytest.raises(DataError, match="has an empty side"):
+        td.split_for(split.assign(split=SELECTION), answers, td.DATASETS)
+    assert td.split_for(split, answers, ["sciq"])["dataset"].eq("sciq").all()
     answers.loc[3, "prompt"] = ""
     with pytest.raises(DataError, match="have no prompt"):
-        td.split_answers(answers, td.DATASETS)
+        td.split_for(split, answers, td.DATASETS)
 
 
 def test_ids_from_another_split_raise() -> None:
@@ -164,7 +170,7 @@ def test_ids_from_another_split_raise() -> None:
     answers = _answers(bench)
     answers.loc[answers["dataset"] == "sciq", "id"] = answers.loc[answers["dataset"] == "sciq", "id"].str.replace(
         "validation", "test")
-    split = td.split_answers(answers, td.DATASETS)
+    split = split_datasets(answers, td.DATASETS)
     with pytest.raises(DataError, match="load the split chapter 04 used"):
         td.build_training_frame(answers, split, bench)
 
@@ -178,17 +184,17 @@ def test_split_is_question_disjoint_and_seeded() -> None:
     # a re-cased, re-punctuated duplicate of one question must land on the same side
     dup = answers[answers["dataset"] == "nq_open"].iloc[[0]].assign(id="nq_open-dup", question="WHO is person 0?!")
     answers = pd.concat([answers, dup], ignore_index=True)
-    split = td.split_answers(answers, td.DATASETS, eval_fraction=0.5, seed=3)
+    split = split_datasets(answers, td.DATASETS, evaluation_fraction=0.5, seed=3)
     for _, part in split.groupby("dataset"):
-        train = set(part[part["split"] == "train"]["question"].map(normalize_question))
-        held = set(part[part["split"] == "eval"]["question"].map(normalize_question))
+        train = set(part[part["split"] == SELECTION]["question"].map(normalize_question))
+        held = set(part[part["split"] == EVALUATION]["question"].map(normalize_question))
         assert train and held and not train & held
     assert split.set_index("id").loc["nq_open-dup", "split"] == split.set_index("id").loc["nq_open-0", "split"]
-    assert (split[split["dataset"] == "sciq"]["split"] == "eval").sum() == 6  # round(0.5 * 12)
-    again = td.split_answers(answers.sample(frac=1, random_state=1), td.DATASETS, eval_fraction=0.5, seed=3)
+    assert (split[split["dataset"] == "sciq"]["split"] == EVALUATION).sum() == 6  # round(0.5 * 12)
+    again = split_datasets(answers.sample(frac=1, random_state=1), td.DATASETS, evaluation_fraction=0.5, seed=3)
     key = ["dataset", "id"]
     assert split.sort_values(key)["split"].tolist() == again.sort_values(key)["split"].tolist()
-    other = td.split_answers(answers, td.DATASETS, eval_fraction=0.5, seed=4)
+    other = split_datasets(answers, td.DATASETS, evaluation_fraction=0.5, seed=4)
     assert split.sort_values(key)["split"].tolist() != other.sort_values(key)["split"].tolist()
 
 
@@ -199,9 +205,9 @@ def test_training_examples_use_own_hallucinations_and_truthfulqa_incorrect_answe
     mask = (answers["dataset"] == "triviaqa") & (answers["id"] == "triviaqa-2")
     answers.loc[mask, ["prediction", "correct", "correct_exact_match", "correct_alias_containment"]] = [
         "the Thing2 one", False, False, True]
-    split = td.split_answers(answers, td.DATASETS, seed=0)
+    split = split_datasets(answers, td.DATASETS, seed=0)
     frame = td.build_training_frame(answers, split, bench, max_negatives=2)
-    assert set(frame["id"]) == set(split[split["split"] == "train"]["id"])  # only the train side
+    assert set(frame["id"]) == set(split[split["split"] == SELECTION]["id"])  # only the selection half
     for row in frame[frame["dataset"] == "nq_open"].itertuples():
         i = int(row.id.split("-")[1])
         assert row.positive == f" Name{i}"
@@ -229,14 +235,33 @@ def test_training_examples_use_own_hallucinations_and_truthfulqa_incorrect_answe
     assert [list(e.negatives) for e in examples] == used["negatives"].tolist()
 
 
+def test_no_evaluation_label_reaches_training() -> None:
+    """Flipping every evaluation-half label (and answer) changes neither the training examples nor which
+    examples are scored: training reads the selection half only."""
+    bench = _benchmarks(12)
+    answers = _answers(bench)
+    split = split_datasets(answers, td.DATASETS, seed=0)
+    evaluation = set(zip(split.loc[split["split"] == EVALUATION, "dataset"], split.loc[split["split"] == EVALUATION, "id"]))
+    flipped = answers.copy()
+    mask = [(d, i) in evaluation for d, i in zip(answers["dataset"], answers["id"])]
+    for column in ("correct", "correct_exact_match", "correct_alias_containment"):
+        flipped.loc[mask, column] = ~flipped.loc[mask, column].astype(bool)
+    flipped.loc[mask, "prediction"] = "changed"
+    frame = td.build_training_frame(answers, split, bench)
+    pd.testing.assert_frame_equal(td.build_training_frame(flipped, split, bench), frame)
+    assert not evaluation & set(zip(frame["dataset"], frame["id"]))
+    scored = {(name, e.id) for name, b in td.eval_benchmarks(split, bench).items() for e in b.examples}
+    assert scored <= evaluation and scored
+
+
 def test_eval_sets_are_the_held_out_side_subsampled_in_order() -> None:
     bench = _benchmarks(12)
     answers = _answers(bench)
-    split = td.split_answers(answers, td.DATASETS, seed=0)
+    split = split_datasets(answers, td.DATASETS, seed=0)
     full = td.eval_benchmarks(split, bench, n_eval=None)
     capped = td.eval_benchmarks(split, bench, n_eval=4, seed=0)
     for name, b in capped.items():
-        held = split[(split["dataset"] == name) & (split["split"] == "eval")]["id"].tolist()
+        held = split[(split["dataset"] == name) & (split["split"] == EVALUATION)]["id"].tolist()
         assert [e.id for e in full[name].examples] == held  # the held-out side, in split order
         keep = np.sort(np.random.default_rng(0).permutation(len(held))[:4])  # the subsample before the refactor
         assert [e.id for e in b.examples] == [held[i] for i in keep]
@@ -323,7 +348,7 @@ def test_budget_table_counts_parameters() -> None:
 def _pipeline(arms: tuple[str, ...] = am.ARMS, seeds: tuple[int, ...] = (0,)):
     bench = _benchmarks(8)
     answers = _answers(bench)
-    split = td.split_answers(answers, td.DATASETS, seed=0)
+    split = split_datasets(answers, td.DATASETS, seed=0)
     frame = td.build_training_frame(answers, split, bench, max_negatives=2)
     examples = td.to_examples(frame)
     sets = td.eval_benchmarks(split, bench, n_eval=3, seed=0)
@@ -650,8 +675,10 @@ def test_upstream_options_follow_chapter_04(tmp_path: Path) -> None:
     PROVENANCE_04.write({"model": {"spec": "x"}}, tmp_path)  # nothing recorded: answer_benchmark's defaults
     assert upstream_eval_options(tmp_path) == {"label_convention": "alias_containment", "sciq_with_support": False,
                                                "wikiqa_scoring": "pmi"}
-    ANSWERS.write(_answers(_benchmarks()), tmp_path)
-    answers, layers, scores = load_upstream(tmp_path)
-    assert layers["pooled"] == [3, 1] and scores is None and len(answers) == 5 * 8
+    answers = _answers(_benchmarks())
+    ANSWERS.write(answers, tmp_path)
+    QUESTION_SPLIT.write(split_datasets(answers, td.DATASETS, seed=0), tmp_path)
+    answers, split, layers, scores = load_upstream(tmp_path)
+    assert layers["pooled"] == [3, 1] and scores is None and len(answers) == len(split) == 5 * 8
     with pytest.raises(DataError, match="does not exist: run stage 04_hallucination_layers"):
         load_upstream(tmp_path / "elsewhere")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from avss_lib.core.artifacts import (ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, EAVSS_LAYERS,
-                                     MITIGATION_PER_EXAMPLE, PROVENANCE_05, RUN_CHECKPOINT, RUN_RESULT, RUNS, SPLIT,
-                                     TRAIN_EXAMPLES, done_record, mitigation_run_dir)
+                                     MITIGATION_PER_EXAMPLE, PROVENANCE_05, QUESTION_SPLIT, RUN_CHECKPOINT,
+                                     RUN_RESULT, RUNS, TRAIN_EXAMPLES, done_record, mitigation_run_dir)
 from avss_lib.core.io import read_json
-from avss_lib.core.splits import normalize_question
+from avss_lib.core.splits import EVALUATION, SELECTION, normalize_question
 from avss_lib.mitigation.verdict import READINGS, e2_reading, e2_verdicts
 from avss_lib.ranking.avss import lowest_avss_layers
 from conftest import needs_data, stage_verdicts
@@ -22,8 +22,8 @@ def check_mitigation_artifacts(run_dir) -> None:
     """Every check of the smoke run's stage 05 (a function, so it can also be run on another run folder)."""
     params = read_json(done_record(run_dir, STAGE))["parameters"]
     k, n_eval = params["k"], params["n_eval"]
-    split = SPLIT.read(run_dir)
-    assert set(split["dataset"]) == set(params["datasets"])
+    split = QUESTION_SPLIT.read(run_dir)  # chapter 04's, made before any layer was chosen
+    assert set(params["datasets"]) <= set(split["dataset"])
     for _, part in split.groupby("dataset"):
         sides = part.assign(q=part["question"].map(normalize_question)).groupby("q")["split"].nunique()
         assert (sides == 1).all()  # no question on both sides
@@ -44,13 +44,13 @@ def check_mitigation_artifacts(run_dir) -> None:
     assert arms.loc["all-s42", "trainable_params"] == n_layers * k_arms["trainable_params"].iloc[0] // k
 
     train = TRAIN_EXAMPLES.read(run_dir)
-    train_side = split[split["split"] == "train"]
+    train_side = split[(split["split"] == SELECTION) & split["dataset"].isin(params["datasets"])]
     assert set(zip(train["dataset"], train["id"])) == set(zip(train_side["dataset"], train_side["id"]))
     assert (train["usable"] == train["negatives"].map(len).gt(0)).all()
     assert train["negatives"].map(len).max() <= params["max_negatives"]
 
     per_example = MITIGATION_PER_EXAMPLE.read(run_dir)
-    eval_side = set(zip(split[split["split"] == "eval"]["dataset"], split[split["split"] == "eval"]["id"]))
+    eval_side = set(zip(split[split["split"] == EVALUATION]["dataset"], split[split["split"] == EVALUATION]["id"]))
     assert set(zip(per_example["dataset"], per_example["id"])) <= eval_side
     counts = per_example.groupby(["run_id", "dataset"]).size()
     assert (counts == n_eval).all() and set(per_example["run_id"]) == set(arms.index)

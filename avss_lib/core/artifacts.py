@@ -184,6 +184,9 @@ def pruning_checkpoint_dir(run_dir: RunDir) -> Path:
 ANSWERS = Artifact("04_hallucination_layers", "answers.parquet", "the model's answers, labelled",
                    columns=("dataset", "id", "question", "prediction", "confidence", "correct",
                             "correct_exact_match", "correct_alias_containment", "prompt", "choice", "gold"))
+QUESTION_SPLIT = Artifact("04_hallucination_layers", "question_split.parquet",
+                          "the question-disjoint selection / evaluation split, made before any layer is chosen",
+                          columns=("dataset", "id", "question", "question_norm", "group", "split"))
 EXAMPLE_STATS = Artifact("04_hallucination_layers", "example_stats.parquet",
                          "per-example sufficient statistics per (site, layer)",
                          columns=("dataset", "example_id", "site", "layer", "n", "sum", "m2", "sum_abs",
@@ -203,8 +206,6 @@ PROVENANCE_04 = provenance("04_hallucination_layers")
 
 # ------------------------------------------------------------------------------------------ 05 mitigation
 
-SPLIT = Artifact("05_mitigation", "split.parquet", "the question-disjoint train / eval split",
-                 columns=("dataset", "id", "question", "question_norm", "group", "split"))
 TRAIN_EXAMPLES = Artifact("05_mitigation", "train_examples.parquet", "the contrastive training examples",
                           columns=("dataset", "id", "question", "prompt", "positive", "negatives", "hallucinated",
                                    "usable"))

@@ -1,4 +1,5 @@
-"""Split a dataset by question into train and held-out eval parts, with duplicates kept together.
+"""Split a dataset by question into train and held-out eval parts, with duplicates kept together, and the
+study's benchmarks into a selection half and an evaluation half (:func:`split_datasets`).
 
 Two examples are *duplicates* when their normalised question strings are equal (see
 :func:`normalize_question`). A split assigns whole duplicate groups to one side, so no eval question is
@@ -95,3 +96,44 @@ def _fill_eval(keys: list[str], sizes: dict[str, int], target: int) -> set[str]:
             chosen.add(key)
             total += sizes[key]
     return chosen
+
+
+#: The two halves of :func:`split_datasets`: what chooses (layers, probes, strengths) and trains, and what is scored.
+SELECTION, EVALUATION = "selection", "evaluation"
+#: Columns of :func:`split_datasets` (the ``QUESTION_SPLIT`` artifact).
+SPLIT_COLUMNS: tuple[str, ...] = ("dataset", "id", "question", "question_norm", "group", "split")
+
+
+def split_datasets(rows: pd.DataFrame, datasets: Sequence[str], *, evaluation_fraction: float = 0.5,
+                   seed: int = 0) -> pd.DataFrame:
+    """Split every data set's examples by question into a selection half and an evaluation half.
+
+    ``rows`` needs columns ``dataset``, ``id`` and ``question``. The split is made once, before anything is
+    chosen: chapter 04 chooses layers and fits probes on the ``selection`` half only, chapter 05 trains and
+    tunes on it and scores on the ``evaluation`` half only. Each data set is split by
+    :func:`split_by_question` (duplicate questions kept together, ``eval_fraction=evaluation_fraction``).
+    Returns :data:`SPLIT_COLUMNS`, ``split`` being :data:`SELECTION` or :data:`EVALUATION`.
+    """
+    missing = [c for c in ("dataset", "id", "question") if c not in rows.columns]
+    if missing:
+        raise DataError(f"the rows to split lack column(s) {missing}: pass the ANSWERS table of chapter 04")
+    parts = []
+    for name in datasets:
+        sub = rows[rows["dataset"] == name]
+        if sub.empty:
+            raise DataError(f"no {name} examples to split: add {name} to the answered data sets")
+        split = split_by_question(sub["id"].astype(str).tolist(), sub["question"].tolist(),
+                                  eval_fraction=evaluation_fraction, seed=seed)
+        sides = split.frame["split"].map({"train": SELECTION, "eval": EVALUATION})
+        parts.append(split.frame.assign(dataset=name, split=sides)[list(SPLIT_COLUMNS)])
+    return pd.concat(parts, ignore_index=True)
+
+
+def side_ids(split: pd.DataFrame, dataset: str, side: str) -> list[str]:
+    """The ids of one data set's ``side`` (:data:`SELECTION` or :data:`EVALUATION`) of :func:`split_datasets`."""
+    if side not in (SELECTION, EVALUATION):
+        raise ConfigError(f"side={side!r} is unknown: use {SELECTION!r} or {EVALUATION!r}")
+    rows = split[split["dataset"] == dataset]
+    if rows.empty:
+        raise DataError(f"the question split has no {dataset} rows: add {dataset} to chapter 04's datasets")
+    return rows.loc[rows["split"] == side, "id"].astype(str).tolist()

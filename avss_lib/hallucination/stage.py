@@ -1,7 +1,9 @@
 """Stage 04 (hallucination-prone layers, claim E1) end to end: what chapter 04 runs.
 
 :func:`run_hallucination` lets the model answer the QA benchmarks (:mod:`avss_lib.hallucination.answers`),
-collects per-example activation statistics over the answers (:mod:`avss_lib.hallucination.example_stats`),
+splits every data set by question into a selection half and an evaluation half *before anything is chosen*
+(:func:`avss_lib.core.splits.split_datasets`, the ``QUESTION_SPLIT`` artifact that chapter 05 reads), collects
+per-example activation statistics of the selection half only (:mod:`avss_lib.hallucination.example_stats`),
 analyses EAVSS per data set (:mod:`avss_lib.hallucination.analysis`), compares the pooled layers with
 notebook 02's lowest-AVSS layers, decides E1 (:mod:`avss_lib.hallucination.verdict`) and writes every
 artifact of the stage (:mod:`avss_lib.core.artifacts`, section 04). The chapter shows the
@@ -23,6 +25,7 @@ import torch
 from avss_lib.core import artifacts as art
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.models import load_model, model_provenance
+from avss_lib.core.splits import SELECTION, side_ids, split_datasets
 from avss_lib.core.verdicts import Verdict, to_records
 from avss_lib.hallucination import prose
 from avss_lib.hallucination.analysis import (
@@ -54,6 +57,7 @@ class HallucinationResult:
     avss_variant: str
     avss_rule: str
     answers: pd.DataFrame  # the ANSWERS artifact
+    split: pd.DataFrame  # the QUESTION_SPLIT artifact
     answer_summary: pd.DataFrame  # accuracy, CI, class sizes and ECE per data set and convention
     measured: pd.DataFrame  # per data set: answers, measured, dropped (empty answer)
     analyses: dict[str, DatasetAnalysis]
@@ -118,6 +122,14 @@ def lowest_avss_for_rule(run_dir: art.RunDir, variant: str, rule: str) -> list[i
     return lowest_avss_layers(art.AVSS_SCORES.read(run_dir), variant, k) if k else []
 
 
+def selection_rows(answers: pd.DataFrame, split: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The answers of ``dataset``'s selection half: the only labels that choose layers (the evaluation half's
+    labels never reach this stage's statistics, probes or rankings)."""
+    keep = set(side_ids(split, dataset, SELECTION))
+    rows = answers[answers["dataset"] == dataset]
+    return rows[rows["id"].astype(str).isin(keep)]
+
+
 def overlap_table(analyses: dict[str, DatasetAnalysis], pooled: Sequence[int], lowest_avss: Sequence[int], k: int,
                   lowest_label: str) -> pd.DataFrame:
     """Each top-k set (per data set, pooled) and the lowest-AVSS set, with its Jaccard overlap with the latter.
@@ -138,11 +150,13 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                       variance: str, sparsity: str, k: int, min_class: int, seeds: Sequence[int],
                       seed_fraction: float, n_perm: int, n_splits: int, alpha: float, sciq_with_support: bool,
                       wikiqa_scoring: str, avss_variant: str, avss_rule: str, batch_size: int,
-                      seed: int) -> HallucinationResult:
+                      seed: int, evaluation_fraction: float = 0.5) -> HallucinationResult:
     """Run stage 04 with chapter 04's parameters and write its artifacts to ``run_dir``.
 
-    Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``EXAMPLE_STATS``,
-    ``EAVSS_SCORES``, ``E1_SUMMARY``, ``EAVSS_LAYERS``, ``VERDICT_04`` and ``PROVENANCE_04``.
+    Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``QUESTION_SPLIT``,
+    ``EXAMPLE_STATS``, ``EAVSS_SCORES``, ``E1_SUMMARY``, ``EAVSS_LAYERS``, ``VERDICT_04`` and ``PROVENANCE_04``.
+    Everything that chooses (EAVSS, its null and stability checks, the probes, the pooled top-k) sees the
+    selection half of ``QUESTION_SPLIT`` only; the evaluation half is kept for chapter 05's scores.
     """
     lowest_avss = lowest_avss_for_rule(run_dir, avss_variant, avss_rule)
     config = EavssConfig(variance=variance, sparsity=sparsity, min_class=min_class)
@@ -159,6 +173,8 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     timings["answers"] = time.perf_counter() - start
     art.ANSWERS.write(answers, run_dir)
     accuracy = answer_summary(answers, min_class=min_class, seed=seed)
+    split = split_datasets(answers, datasets, evaluation_fraction=evaluation_fraction, seed=seed)
+    art.QUESTION_SPLIT.write(split, run_dir)
 
     sites = sorted({site, "block_output"})  # block_output: the probes' features
     abs_eps = sorted({1e-5} | ({float(sparsity.removeprefix("sparsity_abs_"))}
@@ -167,12 +183,13 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     collected: dict[str, ExampleStats] = {}
     start = time.perf_counter()
     for name in datasets:
-        rows = answers[answers["dataset"] == name]
+        rows = selection_rows(answers, split, name)
         items = [StatItem(r.id, r.prompt, r.prediction) for r in rows.itertuples()]
         collected[name] = collect_example_stats(lm, tokenizer, items, position=position, sites=sites,
                                                 abs_thresholds=abs_eps, rel_taus=rel_taus, batch_size=batch_size)
     timings["example_stats"] = time.perf_counter() - start
     measured = pd.DataFrame([{"dataset": name, "answers": int((answers["dataset"] == name).sum()),
+                              "selection half": len(side_ids(split, name, SELECTION)),
                               "measured": len(c.example_ids), "dropped (empty answer)": len(c.dropped)}
                              for name, c in collected.items()]).set_index("dataset")
     example_stats = pd.concat([c.table.assign(dataset=name) for name, c in collected.items()], ignore_index=True)
@@ -181,7 +198,7 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     start = time.perf_counter()
     analyses = {}
     for name, c in collected.items():
-        labels = hallucination_labels(answers, name).loc[c.example_ids]
+        labels = hallucination_labels(selection_rows(answers, split, name), name).loc[c.example_ids]
         analyses[name] = analyse_dataset(name, c.table, labels, site, k, config=config, features=c.features,
                                          feature_ids=c.example_ids, seeds=seeds, seed_fraction=seed_fraction,
                                          n_perm=n_perm, n_splits=n_splits, seed=seed)
@@ -205,7 +222,7 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                              "timings_s": timings}, run_dir)
     return HallucinationResult(
         config=config, site=site, position=position, label_convention=label_convention, n_requested=n, k=k,
-        alpha=alpha, avss_variant=avss_variant, avss_rule=avss_rule, answers=answers,
+        alpha=alpha, avss_variant=avss_variant, avss_rule=avss_rule, answers=answers, split=split,
         answer_summary=accuracy, measured=measured,
         analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
         excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, timings=timings)

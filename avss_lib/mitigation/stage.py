@@ -1,8 +1,8 @@
 """Stage 05 (contrastive mitigation, claim E2) in one call: :func:`run_mitigation` writes every artifact of
 ``<run_dir>/05_mitigation/`` and returns a :class:`MitigationResult` for the chapter's tables, figures and prose.
 
-The steps, in order: split chapter 04's answers by question and build the contrastive training examples
-(:mod:`avss_lib.mitigation.training_data`); choose each arm's layers and plan the runs
+The steps, in order: take chapter 04's question split (made before chapter 04 chose any layer) and build the
+contrastive training examples from its selection half (:mod:`avss_lib.mitigation.training_data`); choose each arm's layers and plan the runs
 (:mod:`avss_lib.mitigation.arms`); train and evaluate every run from the same base weights
 (:mod:`avss_lib.mitigation.runs`); score the arms and compare them (:mod:`avss_lib.mitigation.outcomes`);
 decide claim E2 (:mod:`avss_lib.mitigation.verdict`). The method is in the book's ``book/method.md``.
@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, EAVSS_LAYERS,
-                                     PROVENANCE_04, PROVENANCE_05, RUN_METRICS, SPLIT, TRAIN_EXAMPLES, VERDICT_05,
-                                     RunDir)
+                                     PROVENANCE_04, PROVENANCE_05, QUESTION_SPLIT, RUN_METRICS, TRAIN_EXAMPLES,
+                                     VERDICT_05, RunDir)
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.verdicts import Verdict, to_records
 from avss_lib.mitigation import prose
@@ -29,7 +29,7 @@ from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
 from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
-                                               perplexity_benchmark, split_answers, to_examples)
+                                               perplexity_benchmark, split_for, to_examples)
 from avss_lib.mitigation.verdict import e2_reading, e2_verdicts
 
 VERDICT_METRICS: tuple[str, ...] = ("accuracy", "ece")
@@ -49,10 +49,10 @@ def upstream_eval_options(run_dir: RunDir) -> dict[str, Any]:
             "wikiqa_scoring": (answer_settings.get("wikiqa") or {}).get("wikiqa_scoring", "pmi")}
 
 
-def load_upstream(run_dir: RunDir) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
-    """Chapter 04's answers and EAVSS layers, and chapter 02's AVSS scores (None when 02 was not run)."""
+def load_upstream(run_dir: RunDir) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
+    """Chapter 04's answers, question split and EAVSS layers, and chapter 02's AVSS scores (None without 02)."""
     scores = AVSS_SCORES.read(run_dir) if AVSS_SCORES.exists(run_dir) else None
-    return ANSWERS.read(run_dir), EAVSS_LAYERS.read(run_dir), scores
+    return ANSWERS.read(run_dir), QUESTION_SPLIT.read(run_dir), EAVSS_LAYERS.read(run_dir), scores
 
 
 @dataclass
@@ -60,7 +60,7 @@ class MitigationResult:
     """What chapter 05 shows: its artifacts' frames, the verdict, and the numbers its prose quotes."""
 
     settings: MitigationSettings
-    split: pd.DataFrame  # SPLIT
+    split: pd.DataFrame  # chapter 04's QUESTION_SPLIT, this chapter's data sets
     train_frame: pd.DataFrame  # TRAIN_EXAMPLES
     data_table: pd.DataFrame  # per data set: split sizes, training questions used, held-out examples
     arms: pd.DataFrame  # ARMS
@@ -105,8 +105,7 @@ class MitigationResult:
 
 
 def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: str = "float32",
-                   data_root: str | None = None, datasets: Sequence[str], eval_fraction: float = 0.5,
-                   n_eval: int | None = None, k: int, eavss_source: str = "pooled", avss_variant: str = "block_rel",
+                   data_root: str | None = None, datasets: Sequence[str], n_eval: int | None = None, k: int, eavss_source: str = "pooled", avss_variant: str = "block_rel",
                    arms: Sequence[str], steps: int, lr: float, batch_size: int = 4, lambda_con: float = 1.0,
                    lambda_lm: float = 1.0, temperature: float = 1.0, loss: str = "infonce", max_negatives: int = 4,
                    train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
@@ -116,15 +115,14 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    answers, eavss_layers, avss_scores = load_upstream(run_dir)
+    answers, question_split, eavss_layers, avss_scores = load_upstream(run_dir)
     eval_options = upstream_eval_options(run_dir)
     settings = MitigationSettings(
         k=k, steps=steps, lr=lr, lambda_con=lambda_con, lambda_lm=lambda_lm, temperature=temperature, loss=loss,
         batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
         max_negatives=max_negatives, train_max_length=train_max_length, eval_batch_size=eval_batch_size,
         eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length, **eval_options)
-    split = split_answers(answers, datasets, eval_fraction=eval_fraction, seed=seed)
-    SPLIT.write(split, run_dir)
+    split = split_for(question_split, answers, datasets)
     benchmarks = load_benchmarks(datasets, data_root)
     train_frame = build_training_frame(answers, split, benchmarks, max_negatives=max_negatives)
     TRAIN_EXAMPLES.write(train_frame, run_dir)

@@ -10,6 +10,7 @@ import pandas as pd
 from avss_lib.core.benchmarks import Benchmark
 from avss_lib.core.errors import DataError
 from avss_lib.core.formatting import interval, layer_list
+from avss_lib.core.splits import EVALUATION, SELECTION
 from avss_lib.mitigation.arms import ARM_LABELS
 
 METRIC_LABELS = {"accuracy": "accuracy (%)", "hallucination_rate": "hallucination rate (%)", "ece": "ECE (%)"}
@@ -21,8 +22,8 @@ def data_summary(train_frame: pd.DataFrame, split: pd.DataFrame, eval_sets: Mapp
     for dataset in split["dataset"].unique():
         s = split[split["dataset"] == dataset]
         t = train_frame[train_frame["dataset"] == dataset]
-        rows.append({"dataset": dataset, "train side": int((s["split"] == "train").sum()),
-                     "eval side": int((s["split"] == "eval").sum()),
+        rows.append({"dataset": dataset, "selection half": int((s["split"] == SELECTION).sum()),
+                     "evaluation half": int((s["split"] == EVALUATION).sum()),
                      "train: hallucinated": int(t["hallucinated"].sum()),
                      "train: used (have negatives)": int(t["usable"].sum()),
                      "negatives per question": round(float(t[t["usable"]]["negatives"].map(len).mean()), 2),

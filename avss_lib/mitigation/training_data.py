@@ -1,10 +1,12 @@
 """Chapter 05's data: the question-disjoint split of chapter 04's answers, the contrastive training examples,
 the held-out evaluation sets and the WikiText-2 prefix scored for perplexity.
 
-1. **Split.** :func:`split_answers` splits every data set's answers from chapter 04 (the ``ANSWERS`` artifact)
-   by question into a train part and a held-out eval part (:func:`avss_lib.core.splits.split_by_question`,
-   fixed seed), so no eval question — not even a re-cased or re-punctuated copy — is trained on.
-2. **Training examples.** :func:`build_training_frame` turns the *train* part into contrastive examples, one
+1. **Split.** Chapter 04 split every data set's questions into a selection half and an evaluation half before it
+   chose any layer (the ``QUESTION_SPLIT`` artifact, :func:`avss_lib.core.splits.split_datasets`); :func:`split_for`
+   checks it covers this chapter's data sets. Training (and anything tuned) uses the selection half, every score the
+   evaluation half, so no evaluated question — not even a re-cased or re-punctuated copy — chose the EAVSS layers
+   or was trained on.
+2. **Training examples.** :func:`build_training_frame` turns the *selection* half into contrastive examples, one
    per question, with the prompt chapter 04 showed the model (its ``prompt`` column):
 
    - ``nq_open`` / ``triviaqa``: positive = the first gold answer (TriviaQA: the most central alias,
@@ -19,7 +21,7 @@ the held-out evaluation sets and the WikiText-2 prefix scored for perplexity.
    Answers are prefixed with a space, as the evaluator scores them. At most ``max_negatives`` negatives are
    kept per question. Questions without a negative are left out of training (the contrastive term needs
    one); a data set left with none raises :class:`~avss_lib.core.errors.DataError`.
-3. **Evaluation sets.** :func:`eval_benchmarks` keeps the held-out part of each data set (at most ``n_eval``
+3. **Evaluation sets.** :func:`eval_benchmarks` keeps the evaluation half of each data set (at most ``n_eval``
    examples, :func:`avss_lib.core.benchmarks.subsample`); :func:`perplexity_benchmark` is a fixed prefix of
    the WikiText-2 test split (the language-modelling cost of a fine-tune).
 """
@@ -34,7 +36,7 @@ import pandas as pd
 from avss_lib.core.answer_matching import normalize_answer
 from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark, subsample
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.splits import split_by_question
+from avss_lib.core.splits import EVALUATION, SELECTION, SPLIT_COLUMNS
 from avss_lib.mitigation.contrastive_loss import ContrastiveExample
 
 #: The five data sets of claim E2 (names as in chapter 04's ``ANSWERS`` artifact).
@@ -43,7 +45,6 @@ OPEN_QA: tuple[str, ...] = ("nq_open", "triviaqa")
 #: The columns of chapter 04's answers this chapter reads.
 ANSWER_COLUMNS: tuple[str, ...] = ("dataset", "id", "question", "prompt", "prediction", "confidence", "correct",
                                    "correct_exact_match", "correct_alias_containment")
-SPLIT_COLUMNS: tuple[str, ...] = ("dataset", "id", "question", "question_norm", "group", "split")
 
 
 def check_answers(answers: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
@@ -71,16 +72,22 @@ def check_answers(answers: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFram
     return rows.reset_index(drop=True)
 
 
-def split_answers(answers: pd.DataFrame, datasets: Sequence[str], *, eval_fraction: float = 0.5,
-                  seed: int = 0) -> pd.DataFrame:
-    """Question-disjoint train/eval split of each data set's answers (the ``SPLIT`` artifact's columns)."""
+def split_for(question_split: pd.DataFrame, answers: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    """Chapter 04's question split restricted to ``datasets``, checked against its answers (every answered
+    example on exactly one side, nothing else)."""
     rows = check_answers(answers, datasets)
-    parts = []
+    missing = [c for c in SPLIT_COLUMNS if c not in question_split.columns]
+    if missing:
+        raise DataError(f"the question split lacks column(s) {missing}: re-run chapter 04 (it writes the split)")
+    split = question_split[question_split["dataset"].isin(list(datasets))].assign(id=lambda f: f["id"].astype(str))
     for name in datasets:
-        sub = rows[rows["dataset"] == name]
-        split = split_by_question(sub["id"].tolist(), sub["question"].tolist(), eval_fraction=eval_fraction, seed=seed)
-        parts.append(split.frame.assign(dataset=name)[list(SPLIT_COLUMNS)])
-    return pd.concat(parts, ignore_index=True)
+        answered = set(rows.loc[rows["dataset"] == name, "id"])
+        sides = split[split["dataset"] == name]
+        if set(sides["id"]) != answered or sides["id"].duplicated().any():
+            raise DataError(f"chapter 04's question split of {name} does not match its answers: re-run chapter 04")
+        if not {SELECTION, EVALUATION} <= set(sides["split"]):
+            raise DataError(f"chapter 04's question split of {name} has an empty side: give it more examples")
+    return split[list(SPLIT_COLUMNS)].reset_index(drop=True)
 
 
 def load_benchmarks(datasets: Sequence[str], data_root: str | None) -> dict[str, Benchmark]:
@@ -139,11 +146,11 @@ def build_training_frame(answers: pd.DataFrame, split: pd.DataFrame, benchmarks:
     """One row per train-side question: ``dataset, id, question, prompt, positive, negatives, hallucinated, usable``.
 
     ``negatives`` is a list (possibly empty: such rows are kept, flagged ``usable = False``, so the chapter can
-    count them). Raises :class:`DataError` for a data set with no usable negative on the train side.
+    count them). Raises :class:`DataError` for a data set with no usable negative in the selection half.
     """
     if max_negatives < 1:
         raise ConfigError(f"max_negatives={max_negatives} must be >= 1")
-    train_ids = split[split["split"] == "train"][["dataset", "id"]]
+    train_ids = split[split["split"] == SELECTION][["dataset", "id"]]
     rows = check_answers(answers, list(split["dataset"].unique())).merge(train_ids, on=["dataset", "id"], how="inner")
     records = []
     for name in split["dataset"].unique():
@@ -162,7 +169,7 @@ def build_training_frame(answers: pd.DataFrame, split: pd.DataFrame, benchmarks:
     frame = pd.DataFrame(records)
     empty = [d for d in split["dataset"].unique() if frame.empty or not frame[frame["dataset"] == d]["usable"].any()]
     if empty:
-        raise DataError(f"dataset(s) {empty} have no hallucinated answer on the train side to use as a negative: "
+        raise DataError(f"dataset(s) {empty} have no hallucinated answer in the selection half to use as a negative: "
                         "the contrastive term needs one; drop them from datasets or give chapter 04 more examples")
     return frame
 
@@ -179,7 +186,7 @@ def eval_benchmarks(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *,
     """The held-out part of each data set as a :class:`Benchmark` (at most ``n_eval`` examples, seeded)."""
     out = {}
     for name in split["dataset"].unique():
-        ids = split[(split["dataset"] == name) & (split["split"] == "eval")]["id"].tolist()
+        ids = split[(split["dataset"] == name) & (split["split"] == EVALUATION)]["id"].tolist()
         index = _by_id(benchmarks[name], ids, name)
         examples = [index[i] for i in ids]
         if name == "wikiqa":  # the evaluator scores only questions with a correct sentence
