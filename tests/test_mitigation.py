@@ -552,7 +552,7 @@ EMPTY_TABLE = pd.DataFrame(columns=["arm", "dataset", "metric", "value", "diff",
 def test_e2_rule_outcomes_as_data() -> None:
     win = _comp({("sciq", "accuracy", "random"): (True, False), ("sciq", "accuracy", "lm_only"): (True, False)})
     [v] = vd.e2_verdicts(win, EMPTY_TABLE)
-    assert (v.claim, v.subject, v.outcome) == ("E2", "eavss", "holds")
+    assert (v.claim, v.subject, v.outcome, v.analysis) == ("E2", "eavss, per data set", "holds", "exploratory")
     assert v.condition("better than random", "sciq/accuracy") == vd.Condition(
         "better than random", met=True, value=1.0, threshold=0.5, low=0.5, high=2.0, group="sciq/accuracy")
     assert not v.condition("worse than lm_only", "sciq/accuracy").met

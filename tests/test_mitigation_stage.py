@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avss_lib.core.artifacts import (ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, EAVSS_LAYERS,
+from avss_lib.core.artifacts import (ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, E2_PRIMARY, EAVSS_LAYERS,
                                      MITIGATION_PER_EXAMPLE, PROVENANCE_05, QUESTION_SPLIT, RUN_CHECKPOINT,
                                      RUN_RESULT, RUNS, TRAIN_EXAMPLES, done_record, mitigation_run_dir)
 from avss_lib.core.io import read_json
+from avss_lib.core.verdicts import from_records, to_records
 from avss_lib.core.splits import EVALUATION, SELECTION, normalize_question
-from avss_lib.mitigation.verdict import READINGS, e2_reading, e2_verdicts
+from avss_lib.mitigation.verdict import READINGS, e2_primary_verdict, e2_reading, e2_verdicts
 from avss_lib.ranking.avss import lowest_avss_layers
 from conftest import needs_data, stage_verdicts
 
@@ -77,7 +78,15 @@ def check_mitigation_artifacts(run_dir) -> None:
     assert np.allclose(comp["level"], 1 - 0.05 / (len(params["datasets"]) * 2))
     assert (comp["low"] <= comp["diff"] + 1e-9).all() and (comp["diff"] <= comp["high"] + 1e-9).all()
 
-    [verdict] = stage_verdicts(run_dir, STAGE, "E2")
+    primary, verdict = stage_verdicts(run_dir, STAGE, "E2")
+    assert (primary.analysis, verdict.analysis) == ("primary", "exploratory")
+    table_primary = E2_PRIMARY.read(run_dir)
+    recomputed = e2_primary_verdict(table_primary, margin=params["random_margin"])  # from the artifact
+    assert primary == from_records(to_records([recomputed]))[0]
+    assert set(zip(table_primary["metric"], table_primary["other"])) == {(m, o) for m in ("accuracy", "ece")
+                                                                         for o in ("base", "random")}
+    assert np.allclose(table_primary["level"], 1 - 0.05 / 2)
+    assert (table_primary["n"] == n_eval * len(params["datasets"])).all()
     assert verdict.outcome == READINGS[e2_reading(verdict.conditions)]
     assert verdict.conditions == e2_verdicts(comp, table)[0].conditions  # recomputed from the artifacts
     for r in comp.itertuples():

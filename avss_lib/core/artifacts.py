@@ -225,6 +225,10 @@ RUN_METRICS = Artifact("05_mitigation", "run_metrics.csv", "each run's metrics w
                        columns=("run_id", "arm", "dataset", "metric", "value", "low", "high"))
 COMPARISONS = Artifact("05_mitigation", "comparisons.csv", "EAVSS arm against the control arms",
                        columns=("dataset", "metric", "other", "diff", "low", "high", "beats", "beaten"))
+E2_PRIMARY = Artifact("05_mitigation", "e2_primary.csv",
+                      "claim E2's primary analysis: EAVSS against the untouched and random arms, pooled, with power",
+                      columns=("metric", "other", "value", "other_value", "diff", "low", "high", "rel_change", "se",
+                               "mde", "n"))
 VERDICT_05 = verdict("05_mitigation")
 PROVENANCE_05 = provenance("05_mitigation")
 

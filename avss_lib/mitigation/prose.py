@@ -14,8 +14,9 @@ import pandas as pd
 from avss_lib.core.verdicts import Verdict
 from avss_lib.mitigation.arms import ARM_LABELS
 from avss_lib.mitigation.outcomes import CONTROL_ARMS
+from avss_lib.mitigation.pooled_effects import examples_needed
 from avss_lib.mitigation.training_data import OPEN_QA
-from avss_lib.mitigation.verdict import MAGNITUDES, PAPER_ACC_GAIN, PAPER_ECE_DROP, wins_and_losses
+from avss_lib.mitigation.verdict import CLAIMED, MAGNITUDES, PAPER_ACC_GAIN, PAPER_ECE_DROP, wins_and_losses
 
 #: At most this many correct answers of the untouched model on a data set are "a handful".
 HANDFUL = 5
@@ -119,3 +120,53 @@ def never_correct_phrase(table: pd.DataFrame) -> str:
         return "On every data set at least one arm answers a held-out question correctly."
     return (f"On {and_list(never)} no arm answers any held-out question correctly, so ECE there equals the mean "
             "confidence: a lower ECE only means less confident wrong answers, not fewer hallucinations.")
+
+
+def metric_outcome(verdict: Verdict, metric: str) -> str:
+    """The outcome the primary rule reached for one metric (from its ``<metric> outcome: ...`` condition)."""
+    prefix = f"{metric} outcome: "
+    return next(c.name.removeprefix(prefix) for c in verdict.conditions if c.name.startswith(prefix))
+
+
+def primary_line(primary: pd.DataFrame, metric: str) -> str:
+    """One metric's pooled numbers: the EAVSS arm and each other arm with intervals, the difference in points and
+    in %, and the run's minimum detectable effect."""
+    name = "accuracy" if metric == "accuracy" else "ECE"
+    rows = primary[primary["metric"] == metric]
+    if rows.empty:
+        return f"{name}: the untouched and random arms were not run, so nothing is compared."
+    first = rows.iloc[0]
+    parts = [f"{name} (pooled over {int(first['n_datasets'])} data sets, {int(first['n'])} examples): top-k EAVSS "
+             f"{first['value']:.1f}% [{first['value_low']:.1f}, {first['value_high']:.1f}]"]
+    for _, r in rows.iterrows():
+        parts.append(f"against {ARM_LABELS[r['other']]} {r['other_value']:.1f}% [{r['other_low']:.1f}, "
+                     f"{r['other_high']:.1f}]: {r['diff']:+.1f} points [{r['low']:+.1f}, {r['high']:+.1f}], "
+                     f"{r['rel_change']:+.1f}% [{r['rel_low']:+.1f}, {r['rel_high']:+.1f}], MDE {r['mde']:.1f} points")
+    return "; ".join(parts) + "."
+
+
+def power_sentence(primary: pd.DataFrame, claimed: Mapping[str, float]) -> str:
+    """Whether the run can see the paper's accuracy gain against the untouched model, and the n that would."""
+    rows = primary[(primary["metric"] == "accuracy") & (primary["other"] == "base")]
+    if rows.empty:
+        return "Without the untouched arm the run has no power to see the claimed accuracy gain."
+    r = rows.iloc[0]
+    claim = claimed["accuracy"]
+    if r["mde"] <= claim:
+        return (f"At {int(r['n'])} pooled evaluation examples the smallest accuracy change this run detects against "
+                f"the untouched model is {r['mde']:.1f} points, within the paper's {claim:g}: a null result here is "
+                "informative.")
+    needed = int(examples_needed(r, claim))
+    return (f"At {int(r['n'])} pooled evaluation examples the smallest detectable accuracy change against the "
+            f"untouched model is {r['mde']:.1f} points, above the paper's {claim:g}: about {needed} examples (same "
+            "runs) would bring it down to the claim, so an inconclusive result here says little.")
+
+
+def primary_glue(verdict: Verdict, primary: pd.DataFrame, margin: float) -> dict[str, object]:
+    """Chapter 05's glue for the primary verdict."""
+    return {"e2p_outcome": verdict.outcome, "e2p_margin": margin,
+            "e2p_level_pct": 100 * float(primary["level"].iloc[0]) if len(primary) else float("nan"),
+            "e2p_accuracy_outcome": metric_outcome(verdict, "accuracy"),
+            "e2p_ece_outcome": metric_outcome(verdict, "ece"),
+            "e2p_accuracy_line": primary_line(primary, "accuracy"), "e2p_ece_line": primary_line(primary, "ece"),
+            "e2p_power": power_sentence(primary, CLAIMED)}

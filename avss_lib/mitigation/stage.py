@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, EAVSS_LAYERS,
-                                     PROVENANCE_04, PROVENANCE_05, QUESTION_SPLIT, RUN_METRICS, TRAIN_EXAMPLES,
+from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, E2_PRIMARY,
+                                     EAVSS_LAYERS, PROVENANCE_04, PROVENANCE_05, QUESTION_SPLIT, RUN_METRICS, TRAIN_EXAMPLES,
                                      VERDICT_05, RunDir)
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.verdicts import Verdict, to_records
@@ -30,7 +30,8 @@ from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
                                                perplexity_benchmark, split_for, to_examples)
-from avss_lib.mitigation.verdict import e2_reading, e2_verdicts
+from avss_lib.mitigation.pooled_effects import examples_needed, primary_table
+from avss_lib.mitigation.verdict import CLAIMED, RANDOM_MARGIN, e2_primary_verdict, e2_reading, e2_verdicts
 
 VERDICT_METRICS: tuple[str, ...] = ("accuracy", "ece")
 FAMILY_ALPHA = 0.05
@@ -67,11 +68,13 @@ class MitigationResult:
     runs: MitigationRuns  # RUNS, MITIGATION_PER_EXAMPLE, TRAIN_LOGS
     table: pd.DataFrame  # ARM_METRICS
     run_metrics: pd.DataFrame  # RUN_METRICS
-    comparisons: pd.DataFrame  # COMPARISONS
-    verdicts: list[Verdict]  # VERDICT_05
+    comparisons: pd.DataFrame  # COMPARISONS (exploratory, per data set)
+    primary: pd.DataFrame  # E2_PRIMARY
+    verdicts: list[Verdict]  # VERDICT_05: the primary verdict, then the exploratory one
     seconds: float  # wall time of the runs
     seed: int
     min_effect: float
+    margin: float
     layer_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
 
     @property
@@ -83,9 +86,18 @@ class MitigationResult:
         """The (data set, metric) pairs the verdict tests (its Bonferroni family)."""
         return len(self.split["dataset"].unique()) * len(VERDICT_METRICS)
 
+    def power_table(self) -> pd.DataFrame:
+        """The primary analysis' power: per metric and comparison, SE, minimum detectable effect and the pooled
+        evaluation examples that would bring it down to the paper's magnitude (points reading)."""
+        table = self.primary[["metric", "other", "n", "runs", "other_runs", "se", "mde", "mde_rel", "level",
+                              "power"]].copy()
+        table["claim (points)"] = table["metric"].map(CLAIMED)
+        table["n for MDE = claim"] = [examples_needed(r, CLAIMED[r["metric"]]) for _, r in self.primary.iterrows()]
+        return table.set_index(["metric", "other"])
+
     def glue(self) -> dict[str, Any]:
         """The numbers and data-dependent phrases of the chapter's markdown, by glue key."""
-        verdict = self.verdicts[0]
+        primary, verdict = self.verdicts[0], self.verdicts[1]
         used = self.data_table["train: used (have negatives)"].to_dict()
         return {
             "seed": self.seed, "n_train_examples": self.n_train_examples,
@@ -94,7 +106,8 @@ class MitigationResult:
             "budget": prose.budget_phrase(self.arms),
             "runs_summary": prose.runs_phrase(self.runs.runs, self.seconds),
             "open_qa": prose.open_qa_phrase(self.table),
-            "e2_reading": e2_reading(verdict.conditions), "e2_outcome": verdict.outcome,
+            "e2_reading": e2_reading(verdict.conditions), "e2_outcome": primary.outcome,
+            **prose.primary_glue(primary, self.primary, self.margin),
             "e2_level_pct": 100 * (1 - FAMILY_ALPHA / self.n_pairs), "e2_n_pairs": self.n_pairs,
             "min_effect": self.min_effect,
             "e2_comparisons": prose.comparison_phrase(verdict),
@@ -110,7 +123,8 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
                    lambda_lm: float = 1.0, temperature: float = 1.0, loss: str = "infonce", max_negatives: int = 4,
                    train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
                    eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
-                   ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5, seed: int = 0,
+                   ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5,
+                   random_margin: float = RANDOM_MARGIN, power: float = 0.8, seed: int = 0,
                    progress: bool = True) -> MitigationResult:
     """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
     started = time.perf_counter()
@@ -147,7 +161,10 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     comp = comparisons(results.per_example, metrics=VERDICT_METRICS, family_alpha=FAMILY_ALPHA,
                        min_effect=min_effect, n_resamples=n_bootstrap, seed=seed)
     COMPARISONS.write(comp, run_dir)
-    verdicts = e2_verdicts(comp, table)
+    primary = primary_table(results.per_example, level=1 - FAMILY_ALPHA / len(CLAIMED), power=power,
+                            n_resamples=n_bootstrap, seed=seed)
+    E2_PRIMARY.write(primary, run_dir)
+    verdicts = [e2_primary_verdict(primary, margin=random_margin), *e2_verdicts(comp, table)]
     VERDICT_05.write(to_records(verdicts), run_dir)
 
     data = {name: bench.provenance for name, bench in eval_sets.items()}
@@ -162,5 +179,6 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
         "timings_s": {"runs": seconds, "stage": time.perf_counter() - started}}, run_dir)
     return MitigationResult(settings=settings, split=split, train_frame=train_frame,
                             data_table=data_summary(train_frame, split, eval_sets), arms=budget, runs=results,
-                            table=table, run_metrics=run_metrics, comparisons=comp, verdicts=verdicts,
-                            seconds=seconds, seed=seed, min_effect=min_effect, layer_sets=layer_sets)
+                            table=table, run_metrics=run_metrics, comparisons=comp, primary=primary,
+                            verdicts=verdicts, seconds=seconds, seed=seed, min_effect=min_effect,
+                            margin=random_margin, layer_sets=layer_sets)
