@@ -165,7 +165,7 @@ def test_score_examples_arranges_negatives_with_mask() -> None:
         ContrastiveExample("b", "Q: y?\nA:", " up", (" down", " left")),
     ]
     with torch.no_grad():
-        scored = score_examples(model, TOK, examples)
+        scored = score_examples(model, TOK, examples, score="mean")
         lm_only = score_examples(model, TOK, examples, with_negatives=False)
     assert scored.neg_mask.tolist() == [[True, False], [True, True]]
     assert scored.neg_scores[1, 1].item() == pytest.approx(_manual_score(model, "Q: y?\nA:", " left"), abs=1e-5)
@@ -173,3 +173,44 @@ def test_score_examples_arranges_negatives_with_mask() -> None:
     assert scored.pos.counts.tolist() == [4.0, 3.0]
     assert torch.allclose(scored.pos.scores, lm_only.pos.scores, atol=1e-6)
     assert lm_only.neg_scores is None
+
+
+# --- training scores answers the way the evaluation harness does -----------------------------------
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer with a post-processor that prepends BOS, as Llama-family tokenizers do."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert tok("ab")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_training_scores_equal_the_harness_loglikelihood(model_type: str) -> None:
+    """The summed training score of an answer is the harness's log-likelihood of the same request: the same
+    context/continuation split and BOS only where the harness adds it (Gemma), even with a tokenizer that would
+    add BOS itself; the mean score is that divided by the answer's tokens."""
+    from avss_lib.core.harness import default_add_bos, loglikelihood
+
+    tok = _bos_tokenizer()
+    model = tiny_model(model_type, n_layers=2, seed=2)
+    example = ContrastiveExample("q", "Q: what is it?\nA:", " a cat", (" a dog", " none"))
+    with torch.no_grad():
+        scored = score_examples(model, tok, [example], score="sum")
+        mean = score_examples(model, tok, [example], score="mean")
+    requests = [(example.prompt, a) for a in (example.positive, *example.negatives)]
+    harness = loglikelihood(model, tok, requests)
+    assert scored.pos.sums.item() == pytest.approx(harness[0].logprob, abs=1e-5)
+    assert scored.neg_scores[0].tolist() == pytest.approx([r.logprob for r in harness[1:]], abs=1e-5)
+    assert mean.neg_scores[0].tolist() == pytest.approx([r.logprob / r.n_tokens for r in harness[1:]], abs=1e-5)
+    batch = encode_pairs(tok, [example.prompt], [example.positive], add_bos=default_add_bos(model))
+    assert (int(batch.input_ids[0, 0]) == tok.bos_token_id) == (model_type == "gemma3_text")
+
+
+def test_unknown_score_kind_raises() -> None:
+    with pytest.raises(ConfigError, match="unknown score"):
+        AnswerLogprobs(sums=torch.tensor([1.0]), counts=torch.tensor([1.0])).score("max")

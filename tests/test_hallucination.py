@@ -12,6 +12,7 @@ from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.hallucination.eavss import EavssConfig, eavss_from_groups, eavss_table, hsav, hss
 from avss_lib.hallucination.group_stats import ClassSizeCheck, SmallClassWarning, check_class_sizes, group_stats
 from avss_lib.hallucination.layer_rankings import pool_rankings, rank_scores, top_k_layers
+from avss_lib.hallucination.analysis import length_bins
 from avss_lib.hallucination.null_and_stability import permutation_eavss, spearman_rho, split_half_stability
 
 EPS = 1e-5
@@ -312,3 +313,27 @@ def test_spearman_rho_rank_scores_and_top_k() -> None:
     for bad_k in (0, 5):
         with pytest.raises(ConfigError, match=f"k={bad_k}"):
             top_k_layers(a, bad_k)
+
+
+def test_length_stratified_null_does_not_pass_a_pure_length_effect() -> None:
+    """Hallucinated answers 1 token long, correct ones 8 tokens, activations i.i.d. with no label effect: the mean
+    over an answer's tokens varies less for long answers, so HSAV passes the plain null in every layer; shuffling
+    the labels only within length bins keeps the confound in the null, which then never rejects."""
+    rng = np.random.default_rng(0)
+    flags = np.array([True, False] * 30)
+    acts = {("block_output", layer): [rng.normal(size=(1 if h else 8, 16)) for h in flags] for layer in range(3)}
+    stats, labels = _table(acts), _labels(flags)
+    config = EavssConfig(min_class=2)
+    plain = permutation_eavss(stats, labels, config, n_perm=199, seed=0)
+    assert (plain.p_value_max < 0.01).all()
+    lengths = pd.Series(np.where(flags, 1, 8), index=labels.index)
+    stratified = permutation_eavss(stats, labels, config, n_perm=199, seed=0, strata=length_bins(lengths, 4))
+    assert (stratified.p_value_max == 1.0).all()
+    with pytest.raises(DataError, match="strata lack"):
+        permutation_eavss(stats, labels, config, n_perm=5, strata=lengths.iloc[:-1])
+
+
+def test_length_bins_are_quantiles_with_ties_kept_together() -> None:
+    lengths = pd.Series([0, 1, 1, 2, 5, 7, 7, 9], index=list("abcdefgh"))
+    assert length_bins(lengths, 4).tolist() == [0, 0, 0, 1, 2, 2, 2, 3]
+    assert length_bins(pd.Series([3, 3, 3], index=list("xyz")), 4).tolist() == [0, 0, 0]

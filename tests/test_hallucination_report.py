@@ -57,6 +57,22 @@ def test_planted_layer_is_found_beats_the_null_and_agrees_with_the_probe():
     assert table.loc["toy", "probe_best_layer"] == PLANTED
 
 
+def test_length_probe_reads_the_answer_length_alone():
+    """A length that gives the label away scores AUROC 1, an unrelated one about 0.5; the summary reports it."""
+    stats, labels, features = synthetic()
+    config = EavssConfig(sparsity="sparsity_rel_0.01", min_class=20)
+    kwargs = dict(config=config, features=features, feature_ids=list(labels.index), n_perm=19, n_splits=2)
+    telling = pd.Series(np.where(labels, 9.0, 2.0), index=labels.index)
+    a = ha.analyse_dataset("toy", stats, labels, "block_output", 2, answer_lengths=telling, **kwargs)
+    assert a.length_auroc == pytest.approx(1.0)
+    assert ha.summary_table({"toy": a}).loc["toy", "length_auroc"] == pytest.approx(1.0)
+    unrelated = pd.Series(np.random.default_rng(5).integers(1, 10, len(labels)).astype(float), index=labels.index)
+    b = ha.analyse_dataset("toy", stats, labels, "block_output", 2, answer_lengths=unrelated, **kwargs)
+    assert 0.3 < b.length_auroc < 0.7
+    assert "length_auroc" not in ha.summary_table({"toy": ha.analyse_dataset("toy", stats, labels, "block_output",
+                                                                             2, **kwargs)}).columns
+
+
 def _analysis(name: str, usable: bool = True, probes: bool = True) -> ha.DatasetAnalysis:
     """A hand-made analysis over 4 layers, with numbers simple enough to summarise by hand."""
     layers = pd.Index([0, 1, 2, 3], name="layer")

@@ -17,7 +17,7 @@ from avss_lib.hallucination.answers import DATASETS, hallucination_labels
 from avss_lib.hallucination.eavss import EavssConfig, eavss_table
 from avss_lib.hallucination.group_stats import SmallClassWarning
 from avss_lib.hallucination.layer_rankings import top_k_layers
-from avss_lib.hallucination.verdict import e1_level
+from avss_lib.hallucination.verdict import e1_level, e1_verdicts
 from conftest import needs_data, stage_verdicts
 
 STAGE = "04_hallucination_layers"
@@ -41,7 +41,8 @@ def test_answers_and_provenance(smoke_run):
     for name, settings in provenance["answer_settings"].items():
         rows = int((answers["dataset"] == name).sum())
         assert settings["benchmark"]["n"] == rows and settings["benchmark"]["files"] and settings["benchmark"]["sha256"]
-    assert set(provenance["timings_s"]) == {"load_model", "answers", "example_stats", "analysis"}
+    assert set(provenance["timings_s"]) == {"load_model", "answers", "example_stats", "analysis",
+                                            "secondary_example_stats", "secondary_analysis"}
 
 
 @pytest.mark.slow
@@ -94,7 +95,15 @@ def test_layers_follow_the_scores_and_notebook_02(smoke_run):
 @pytest.mark.slow
 @needs_data
 def test_verdict_conditions_are_the_summary_numbers(smoke_run):
-    verdict, = stage_verdicts(smoke_run, STAGE, "E1")
+    verdict, exploratory = stage_verdicts(smoke_run, STAGE, "E1")
+    params = _params()
+    assert (verdict.analysis, exploratory.analysis) == ("primary", "exploratory")
+    assert params["position"] in verdict.subject and params["secondary_position"] in exploratory.subject
+    secondary = art.E1_SECONDARY.read(smoke_run).set_index("dataset")
+    assert (secondary["position"] == params["secondary_position"]).all()
+    recomputed = e1_verdicts(secondary.drop(columns="position"), min_class=params["min_class"], site=params["site"],
+                             position=params["secondary_position"])[0]
+    assert (exploratory.outcome, exploratory.conditions) == (recomputed.outcome, recomputed.conditions)
     summary = art.E1_SUMMARY.read(smoke_run).set_index("dataset")
     scores = art.EAVSS_SCORES.read(smoke_run)
     passed, signalled = [], []

@@ -67,7 +67,7 @@ def test_logged_loss_is_the_objective_of_the_steps_batch() -> None:
     assert row["loss_con"] == pytest.approx(parts.con.item(), rel=1e-5)
     assert row["loss_lm"] == pytest.approx(parts.lm.item(), rel=1e-5)
     assert row["loss"] == pytest.approx(row["loss_con"] + row["loss_lm"], rel=1e-6)
-    assert row["score_pos"] == pytest.approx(scored.pos.scores.mean().item(), rel=1e-5)
+    assert row["score_pos"] == pytest.approx(scored.pos.score(config.score).mean().item(), rel=1e-5)
 
 
 def test_lm_only_ablation_runs_without_negatives() -> None:

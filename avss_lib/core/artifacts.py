@@ -199,6 +199,10 @@ E1_SUMMARY = Artifact("04_hallucination_layers", "e1_summary.parquet",
                       "per data set: class sizes, top-k layers, null, stability and probe agreement (E1's inputs)",
                       columns=("dataset", "n_hallucinated", "n_correct", "usable", "max_abs_eavss"),
                       list_columns=("top_k",))
+E1_SECONDARY = Artifact("04_hallucination_layers", "e1_secondary.parquet",
+                        "E1's inputs at the secondary (exploratory) token position, with the length controls",
+                        columns=("dataset", "n_hallucinated", "n_correct", "usable", "max_abs_eavss", "position"),
+                        list_columns=("top_k",))
 EAVSS_LAYERS = Artifact("04_hallucination_layers", "eavss_layers.json",
                         "the top-k EAVSS layers per data set and pooled, and the lowest-AVSS layers")
 VERDICT_04 = verdict("04_hallucination_layers")

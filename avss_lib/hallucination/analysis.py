@@ -53,6 +53,7 @@ class DatasetAnalysis:
     split_half: pd.DataFrame | None = None
     seed_rho: pd.DataFrame | None = None
     probes: pd.DataFrame | None = None
+    length_auroc: float | None = None  # the same probe on the answer's length in tokens alone
 
 
 def site_rows(example_stats: pd.DataFrame, site: str) -> pd.DataFrame:
@@ -92,13 +93,28 @@ def seed_stability(example_stats: pd.DataFrame, labels: pd.Series, config: Eavss
                          for a, b in itertools.combinations(list(dict.fromkeys(seeds)), 2)])
 
 
+def length_bins(lengths: pd.Series, n_bins: int) -> pd.Series:
+    """Each example's answer-length quantile bin (0 .. at most ``n_bins - 1``; ties share a bin), by example id."""
+    if lengths.nunique() < 2:  # one length: one bin
+        return pd.Series(0, index=lengths.index)
+    return pd.Series(pd.qcut(lengths.rank(method="min"), n_bins, labels=False, duplicates="drop"),
+                     index=lengths.index).astype(int)
+
+
 def analyse_dataset(dataset: str, example_stats: pd.DataFrame, labels: pd.Series, site: str, k: int, *,
                     config: EavssConfig = EavssConfig(), features: Mapping[int, np.ndarray] | None = None,
                     feature_ids: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
                     seed_fraction: float = 0.7, n_perm: int = 1000, n_splits: int = 20, probe_folds: int = 5,
+                    answer_lengths: pd.Series | None = None, length_strata: int = 0,
                     seed: int = 0) -> DatasetAnalysis:
     """EAVSS scores, top-k layers, and -- when both classes reach ``config.min_class`` -- permutation null,
-    split-half and seed stability, and per-layer probe AUROC (on ``features`` rows ``feature_ids``)."""
+    split-half and seed stability, and per-layer probe AUROC (on ``features`` rows ``feature_ids``).
+
+    With ``answer_lengths`` (tokens per example id, 0 for an empty answer) the same probe is also fitted on the
+    length alone, on the same folds: a layer's probe that does no better than this reads the answer's length,
+    not the layer's state (``length_auroc``). With ``length_strata`` > 1 the permutation null shuffles the labels
+    within that many answer-length quantile bins (:func:`length_bins`), the length control of the answer
+    position."""
     rows = site_rows(example_stats, site)
     labels = labels.loc[pd.unique(rows["example_id"])]
     sizes = check_class_sizes(labels, config.min_class)
@@ -110,7 +126,8 @@ def analyse_dataset(dataset: str, example_stats: pd.DataFrame, labels: pd.Series
                                top_k_layers(scores["score"], k) if scores["score"].notna().all() else [])
     if not sizes.ok:
         return analysis
-    perm = permutation_eavss(rows, labels, config, n_perm=n_perm, seed=seed)
+    strata = length_bins(answer_lengths, length_strata) if answer_lengths is not None and length_strata > 1 else None
+    perm = permutation_eavss(rows, labels, config, n_perm=n_perm, seed=seed, strata=strata)
     analysis.p_value = perm.p_value.droplevel("site")
     analysis.p_value_max = perm.p_value_max.droplevel("site")
     analysis.split_half = split_half_stability(rows, labels, config, n_splits=n_splits, seed=seed)
@@ -123,6 +140,13 @@ def analyse_dataset(dataset: str, example_stats: pd.DataFrame, labels: pd.Series
             raise DataError(f"{dataset}: feature rows lack labels: collect features for labelled examples only")
         analysis.probes = probe_auroc(features, y.to_numpy(dtype=bool), n_splits=probe_folds, seed=seed,
                                       min_class=config.min_class)
+        if answer_lengths is not None:
+            lengths = answer_lengths.reindex(list(feature_ids)).to_numpy(dtype=float)[:, None]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SmallClassWarning)
+                analysis.length_auroc = float(probe_auroc({"length": lengths}, y.to_numpy(dtype=bool),
+                                                          n_splits=probe_folds, seed=seed,
+                                                          min_class=config.min_class)["auroc_mean"].iloc[0])
     return analysis
 
 
@@ -156,7 +180,7 @@ def summary_table(analyses: Mapping[str, DatasetAnalysis], alpha: float = 0.05) 
     ``n_layers_p_max_below_alpha``, ``split_half_rho_median``, ``seed_rho_mean``; with probes also
     ``probe_best_layer``, ``probe_best_auroc``, ``probe_eavss_rho`` (Spearman's rho over layers between score
     and probe AUROC), ``probe_auroc_top_k`` and ``probe_auroc_rest`` (mean AUROC of the top-k layers and of
-    the others).
+    the others) and, when answer lengths were given, ``length_auroc`` (the probe on the answer's length alone).
     """
     rows = []
     for name, a in analyses.items():
@@ -173,5 +197,7 @@ def summary_table(analyses: Mapping[str, DatasetAnalysis], alpha: float = 0.05) 
                            probe_eavss_rho=spearman_rho(a.scores["score"].loc[auroc.index], auroc),
                            probe_auroc_top_k=float(auroc.loc[a.top_k].mean()),
                            probe_auroc_rest=float(auroc.drop(a.top_k).mean()))
+                if a.length_auroc is not None:
+                    row["length_auroc"] = a.length_auroc
         rows.append(row)
     return pd.DataFrame(rows).set_index("dataset")

@@ -73,8 +73,12 @@ def _scores_for_memberships(cube: ExampleCube, h_members: np.ndarray, config: Ea
 
 
 def permutation_eavss(example_stats: pd.DataFrame, labels: pd.Series, config: EavssConfig = EavssConfig(),
-                      n_perm: int = 1000, seed: int = 0) -> PermutationResult:
+                      n_perm: int = 1000, seed: int = 0, strata: pd.Series | None = None) -> PermutationResult:
     """Permutation null of the EAVSS score: shuffle the labels ``n_perm`` times (class sizes kept).
+
+    With ``strata`` (a group per example id, e.g. the answer-length quartile) the labels are shuffled within each
+    group only, so the null keeps whatever the groups explain of the labels: a layer beats this null only by what,
+    say, the answer's length does not explain.
 
     Raises when a class has fewer than 2 examples (nothing to permute); flags (``class_sizes.ok``) and
     warns (:class:`SmallClassWarning`) when below ``config.min_class``.
@@ -88,7 +92,16 @@ def permutation_eavss(example_stats: pd.DataFrame, labels: pd.Series, config: Ea
         warnings.warn(sizes.message, SmallClassWarning, stacklevel=2)
     cube = example_cube(example_stats, labels)
     rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(cube.labels) for _ in range(n_perm)])
+    if strata is None:
+        shuffled = np.stack([rng.permutation(cube.labels) for _ in range(n_perm)])
+    else:
+        groups = strata.reindex(np.sort(example_stats["example_id"].unique())).to_numpy()
+        if pd.isna(groups).any():
+            raise DataError("strata lack some example ids of the statistics table: give every example a group")
+        shuffled = np.tile(cube.labels, (n_perm, 1))
+        for group in pd.unique(groups):
+            idx = np.flatnonzero(groups == group)
+            shuffled[:, idx] = rng.permuted(shuffled[:, idx], axis=1)
     observed = _scores_for_memberships(cube, cube.labels[None, :], config)[:, 0]
     null = _scores_for_memberships(cube, shuffled, config).T  # (n_perm, rows)
     p_value = (1 + (null >= observed).sum(axis=0)) / (n_perm + 1)

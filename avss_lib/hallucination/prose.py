@@ -114,3 +114,16 @@ def pooled_sentence(pooled: Sequence[int], lowest_avss: Sequence[int], jaccard: 
     overlap = sorted(set(pooled) & set(lowest_avss))
     return (f"Pooled top layers: {layer_list(pooled)}; overlap with the lowest-AVSS (pruned) layers: "
             f"{layer_list(overlap, empty='none')} (Jaccard {jaccard:.2f}).")
+
+
+def secondary_sentence(verdicts: Sequence[Verdict], length_strata: int) -> str:
+    """The exploratory reading at the secondary position, or that none was run."""
+    exploratory = [v for v in verdicts if v.analysis == "exploratory"]
+    if not exploratory:
+        return "No secondary position was analysed in this run (parameter `secondary_position`)."
+    v = exploratory[0]
+    control = (f"the permutation null shuffles the labels within {length_strata} answer-length bins, so "
+               "length alone cannot pass it, and " if length_strata > 1 else "")
+    return (f"Exploratory, at the secondary position ({v.subject}): {control}{int(v.numbers['n_pass_all'])} of "
+            f"{int(v.numbers['n_usable'])} usable data set(s) pass all three tests (outcome *{v.outcome}* under "
+            "the same rule; not the claim's verdict).")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import StringIO
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 
 from avss_lib.core import artifacts as art
 from avss_lib.core.errors import ConfigError
+from avss_lib.core.harness import encode
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.splits import SELECTION, side_ids, split_datasets
 from avss_lib.core.verdicts import Verdict, to_records
@@ -68,13 +69,25 @@ class HallucinationResult:
     excluded: list[str]
     lowest_avss: list[int]
     overlap: pd.DataFrame  # set, layers, jaccard_with_lowest_avss
-    verdicts: list[Verdict]
+    verdicts: list[Verdict]  # the primary verdict (at ``position``), then the exploratory one at the secondary
+    secondary: PositionAnalysis | None = None  # the exploratory analysis at the secondary position
+    length_strata: int = 0  # answer-length bins of the permutation null at the answer position
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def verdict(self) -> Verdict:
         """The E1 verdict (the rule gives one per site)."""
         return self.verdicts[0]
+
+    def length_table(self) -> pd.DataFrame:
+        """Per position and data set: the best layer's probe AUROC beside the probe on the answer's length alone,
+        and the smallest family-wise null p-value (length-stratified at the answer position)."""
+        columns = ["usable", "probe_best_layer", "probe_best_auroc", "length_auroc", "min_p_max",
+                   "split_half_rho_median"]
+        parts = {self.position: self.summary}
+        if self.secondary is not None:
+            parts[self.secondary.position] = self.secondary.summary
+        return pd.concat({pos: s.reindex(columns=columns) for pos, s in parts.items()}, names=["position", "dataset"])
 
     def glue(self) -> dict[str, Any]:
         """The numbers and phrases chapter 04's prose pastes (see :mod:`avss_lib.book.glue`)."""
@@ -101,6 +114,7 @@ class HallucinationResult:
                 self.pooled, self.lowest_avss,
                 float(pooled_row["jaccard_with_lowest_avss"].iloc[0]) if len(pooled_row) else float("nan")),
             "hal_avss_variant": f"`{self.avss_variant}`", "hal_avss_rule": f"`{self.avss_rule}`",
+            "hal_secondary": prose.secondary_sentence(self.verdicts, self.length_strata),
             **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
         }
 
@@ -120,6 +134,67 @@ def lowest_avss_for_rule(run_dir: art.RunDir, variant: str, rule: str) -> list[i
                           f"{sorted(set(selections['variant']))} and {sorted(set(selections['rule']))}")
     k = len(row["layers"].iloc[0])
     return lowest_avss_layers(art.AVSS_SCORES.read(run_dir), variant, k) if k else []
+
+
+def answer_lengths(tokenizer: Any, rows: pd.DataFrame) -> pd.Series:
+    """Each answer's length in tokens as the harness encodes it (``" " + answer``; 0 for an empty answer), by id."""
+    return pd.Series([len(encode(tokenizer, " " + p.strip())) if p.strip() else 0 for p in rows["prediction"]],
+                     index=rows["id"].to_numpy(), dtype=float)
+
+
+LENGTH_STRATA = 4  # answer-length quartiles: the permutation null's strata at the answer position
+
+
+@dataclass
+class PositionAnalysis:
+    """The E1 analysis at one token position: statistics, per-data-set analyses, their summary, what was measured."""
+
+    position: str
+    collected: dict[str, ExampleStats]
+    analyses: dict[str, DatasetAnalysis]
+    summary: pd.DataFrame
+    measured: pd.DataFrame
+    timings: dict[str, float]
+
+
+def analyse_position(lm: Any, tokenizer: Any, answers: pd.DataFrame, split: pd.DataFrame, datasets: Sequence[str], *,
+                     position: str, site: str, config: EavssConfig, k: int, seeds: Sequence[int],
+                     seed_fraction: float, n_perm: int, n_splits: int, length_strata: int, alpha: float,
+                     batch_size: int, seed: int) -> PositionAnalysis:
+    """Collect the selection half's per-example statistics at ``position`` and analyse every data set there.
+
+    The answer-length probe is fitted at every position; the length-stratified null only at ``answer`` (the
+    position whose statistics pool over the answer's tokens, so that length alone moves them).
+    """
+    sites = sorted({site, "block_output"})  # block_output: the probes' features
+    sparsity = config.sparsity
+    abs_eps = sorted({1e-5} | ({float(sparsity.removeprefix("sparsity_abs_"))}
+                               if sparsity.startswith("sparsity_abs_") else set()))
+    rel_taus = [float(sparsity.removeprefix("sparsity_rel_"))] if sparsity.startswith("sparsity_rel_") else []
+    collected: dict[str, ExampleStats] = {}
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    for name in datasets:
+        items = [StatItem(r.id, r.prompt, r.prediction) for r in selection_rows(answers, split, name).itertuples()]
+        collected[name] = collect_example_stats(lm, tokenizer, items, position=position, sites=sites,
+                                                abs_thresholds=abs_eps, rel_taus=rel_taus, batch_size=batch_size)
+    timings["example_stats"] = time.perf_counter() - start
+    measured = pd.DataFrame([{"dataset": name, "answers": int((answers["dataset"] == name).sum()),
+                              "selection half": len(side_ids(split, name, SELECTION)),
+                              "measured": len(c.example_ids), "dropped (empty answer)": len(c.dropped)}
+                             for name, c in collected.items()]).set_index("dataset")
+    start = time.perf_counter()
+    analyses = {}
+    for name, c in collected.items():
+        rows = selection_rows(answers, split, name)
+        labels = hallucination_labels(rows, name).loc[c.example_ids]
+        analyses[name] = analyse_dataset(name, c.table, labels, site, k, config=config, features=c.features,
+                                         feature_ids=c.example_ids, seeds=seeds, seed_fraction=seed_fraction,
+                                         n_perm=n_perm, n_splits=n_splits,
+                                         answer_lengths=answer_lengths(tokenizer, rows),
+                                         length_strata=length_strata if position == "answer" else 0, seed=seed)
+    timings["analysis"] = time.perf_counter() - start
+    return PositionAnalysis(position, collected, analyses, summary_table(analyses, alpha=alpha), measured, timings)
 
 
 def selection_rows(answers: pd.DataFrame, split: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -150,13 +225,16 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                       variance: str, sparsity: str, k: int, min_class: int, seeds: Sequence[int],
                       seed_fraction: float, n_perm: int, n_splits: int, alpha: float, sciq_with_support: bool,
                       wikiqa_scoring: str, avss_variant: str, avss_rule: str, batch_size: int,
-                      seed: int, evaluation_fraction: float = 0.5) -> HallucinationResult:
+                      seed: int, evaluation_fraction: float = 0.5, secondary_position: str | None = None,
+                      length_strata: int = LENGTH_STRATA) -> HallucinationResult:
     """Run stage 04 with chapter 04's parameters and write its artifacts to ``run_dir``.
 
     Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``QUESTION_SPLIT``,
     ``EXAMPLE_STATS``, ``EAVSS_SCORES``, ``E1_SUMMARY``, ``EAVSS_LAYERS``, ``VERDICT_04`` and ``PROVENANCE_04``.
     Everything that chooses (EAVSS, its null and stability checks, the probes, the pooled top-k) sees the
-    selection half of ``QUESTION_SPLIT`` only; the evaluation half is kept for chapter 05's scores.
+    selection half of ``QUESTION_SPLIT`` only; the evaluation half is kept for chapter 05's scores. With a
+    ``secondary_position`` the analysis is repeated there as an exploratory reading (``E1_SECONDARY``); at the
+    ``answer`` position the permutation null shuffles labels within ``length_strata`` answer-length bins.
     """
     lowest_avss = lowest_avss_for_rule(run_dir, avss_variant, avss_rule)
     config = EavssConfig(variance=variance, sparsity=sparsity, min_class=min_class)
@@ -176,37 +254,24 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     split = split_datasets(answers, datasets, evaluation_fraction=evaluation_fraction, seed=seed)
     art.QUESTION_SPLIT.write(split, run_dir)
 
-    sites = sorted({site, "block_output"})  # block_output: the probes' features
-    abs_eps = sorted({1e-5} | ({float(sparsity.removeprefix("sparsity_abs_"))}
-                               if sparsity.startswith("sparsity_abs_") else set()))
-    rel_taus = [float(sparsity.removeprefix("sparsity_rel_"))] if sparsity.startswith("sparsity_rel_") else []
-    collected: dict[str, ExampleStats] = {}
-    start = time.perf_counter()
-    for name in datasets:
-        rows = selection_rows(answers, split, name)
-        items = [StatItem(r.id, r.prompt, r.prediction) for r in rows.itertuples()]
-        collected[name] = collect_example_stats(lm, tokenizer, items, position=position, sites=sites,
-                                                abs_thresholds=abs_eps, rel_taus=rel_taus, batch_size=batch_size)
-    timings["example_stats"] = time.perf_counter() - start
-    measured = pd.DataFrame([{"dataset": name, "answers": int((answers["dataset"] == name).sum()),
-                              "selection half": len(side_ids(split, name, SELECTION)),
-                              "measured": len(c.example_ids), "dropped (empty answer)": len(c.dropped)}
-                             for name, c in collected.items()]).set_index("dataset")
+    main = analyse_position(lm, tokenizer, answers, split, datasets, position=position, site=site, config=config,
+                            k=k, seeds=seeds, seed_fraction=seed_fraction, n_perm=n_perm, n_splits=n_splits,
+                            length_strata=length_strata, alpha=alpha, batch_size=batch_size, seed=seed)
+    timings.update(main.timings)
+    collected, analyses, summary, measured = main.collected, main.analyses, main.summary, main.measured
     example_stats = pd.concat([c.table.assign(dataset=name) for name, c in collected.items()], ignore_index=True)
     art.EXAMPLE_STATS.write(example_stats, run_dir)
-
-    start = time.perf_counter()
-    analyses = {}
-    for name, c in collected.items():
-        labels = hallucination_labels(selection_rows(answers, split, name), name).loc[c.example_ids]
-        analyses[name] = analyse_dataset(name, c.table, labels, site, k, config=config, features=c.features,
-                                         feature_ids=c.example_ids, seeds=seeds, seed_fraction=seed_fraction,
-                                         n_perm=n_perm, n_splits=n_splits, seed=seed)
-    timings["analysis"] = time.perf_counter() - start
     scores = score_table(analyses)
-    summary = summary_table(analyses, alpha=alpha)
     art.EAVSS_SCORES.write(scores, run_dir)
     art.E1_SUMMARY.write(summary.reset_index(), run_dir)
+    secondary = None
+    if secondary_position and secondary_position != position:
+        secondary = analyse_position(
+            lm, tokenizer, answers, split, datasets, position=secondary_position, site=site, config=config, k=k,
+            seeds=seeds, seed_fraction=seed_fraction, n_perm=n_perm, n_splits=n_splits, length_strata=length_strata,
+            alpha=alpha, batch_size=batch_size, seed=seed)
+        timings.update({f"secondary_{key}": seconds for key, seconds in secondary.timings.items()})
+        art.E1_SECONDARY.write(secondary.summary.reset_index().assign(position=secondary_position), run_dir)
 
     pooled, pooled_ranks, excluded = pooled_top_k(analyses, k)
     overlap = overlap_table(analyses, pooled, lowest_avss, k, f"lowest AVSS ({avss_variant}, {avss_rule})")
@@ -215,14 +280,20 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                             "excluded": excluded, "lowest_avss": lowest_avss, "avss_variant": avss_variant,
                             "avss_rule": avss_rule}, run_dir)
     verdicts = e1_verdicts(summary, alpha=alpha, min_class=min_class, site=site, position=position)
+    if secondary is not None:
+        verdicts += [replace(v, analysis="exploratory") for v in e1_verdicts(
+            secondary.summary, alpha=alpha, min_class=min_class, site=site, position=secondary_position)]
     art.VERDICT_04.write(to_records(verdicts), run_dir)
     art.PROVENANCE_04.write({"model": model_provenance(model), "answer_settings": answer_settings,
                              "example_stats": {name: {**c.settings, "dropped": c.dropped}
                                                for name, c in collected.items()},
+                             "secondary_example_stats": None if secondary is None else {
+                                 name: {**c.settings, "dropped": c.dropped} for name, c in secondary.collected.items()},
                              "timings_s": timings}, run_dir)
     return HallucinationResult(
         config=config, site=site, position=position, label_convention=label_convention, n_requested=n, k=k,
         alpha=alpha, avss_variant=avss_variant, avss_rule=avss_rule, answers=answers, split=split,
         answer_summary=accuracy, measured=measured,
         analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
-        excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, timings=timings)
+        excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, secondary=secondary,
+        length_strata=length_strata, timings=timings)

@@ -53,6 +53,7 @@ class MitigationSettings:
     lambda_lm: float = 1.0
     temperature: float = 1.0
     loss: str = "infonce"
+    score: str = "sum"
     batch_size: int = 4
     seeds: tuple[int, ...] = (0,)
     random_draws: int = 3
@@ -97,6 +98,7 @@ class MitigationSettings:
         return TrainConfig(layers=tuple(int(i) for i in layers), steps=self.steps, lr=self.lr,
                            batch_size=self.batch_size, lambda_con=lambda_con, lambda_lm=self.lambda_lm,
                            temperature=self.temperature, loss=self.loss,  # type: ignore[arg-type]
+                           score=self.score,  # type: ignore[arg-type]
                            grad_clip=self.grad_clip, seed=seed, checkpoint_every=self.checkpoint_every,
                            max_length=self.train_max_length)
 

@@ -3,10 +3,13 @@ r"""The contrastive objective for hallucination mitigation, defined here and sta
 The EAVSS paper does not publish its contrastive loss, so the project defines its own.
 
 **Score of an answer.** For a question prompt :math:`q` and an answer :math:`a = (a_1, \dots, a_{|a|})`
-(tokenised after the prompt), the score is the length-normalised sequence log-likelihood
+(tokenised after the prompt), the score is the summed log-likelihood (``score="sum"``, the default: what the
+evaluation's multiple-choice decisions compare, as lm-evaluation-harness's ``acc`` does) or, with
+``score="mean"``, its length-normalised form
 
 .. math::
 
+    s(a) = \sum_{t=1}^{|a|} \log p_\theta(a_t \mid q, a_{<t}) \quad\text{or}\quad
     s(a) = \frac{1}{|a|} \sum_{t=1}^{|a|} \log p_\theta(a_t \mid q, a_{<t}).
 
 **Contrastive term (default, InfoNCE).** For one positive (gold) answer :math:`a^+` and negatives
@@ -39,9 +42,9 @@ mean of the per-question contrastive term over the batch. :math:`\lambda_\mathrm
 ablation. Questions may have different numbers of negatives; absent negatives are masked out of both the
 InfoNCE denominator and the margin mean.
 
-**Tokenisation.** The prompt is encoded with the tokenizer's special tokens (e.g. BOS), the answer without
-them, and the two id sequences are concatenated (the lm-evaluation-harness convention of encoding context
-and continuation separately). Batches are right-padded, so padding never precedes or shifts a real token.
+**Tokenisation.** Exactly as the evaluation harness encodes a (context, continuation) request
+(:func:`avss_lib.core.harness.encode_pair`: the lm-evaluation-harness split, and BOS only where the harness adds
+it, :func:`avss_lib.core.harness.default_add_bos`), so training scores an answer the way it is later scored. Batches are right-padded, so padding never precedes or shifts a real token.
 When a pair exceeds ``max_length`` tokens the prompt is cut from the left; an answer alone longer than
 ``max_length - 1`` tokens is cut at the right (its :math:`|a|` is then the kept length).
 """
@@ -57,10 +60,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import pad_id
+from avss_lib.core.harness import default_add_bos, encode_pair, pad_id
 
 LossKind = Literal["infonce", "margin"]
 LOSS_KINDS: tuple[str, ...] = ("infonce", "margin")
+ScoreKind = Literal["sum", "mean"]
+SCORE_KINDS: tuple[str, ...] = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,16 @@ class AnswerLogprobs:
 
     @property
     def scores(self) -> Tensor:
-        """Length-normalised log-likelihoods :math:`s(a)`."""
+        """Length-normalised log-likelihoods (``score="mean"``)."""
         return self.sums / self.counts
+
+    def score(self, kind: str) -> Tensor:
+        """:math:`s(a)` of the given kind: ``"sum"`` (summed log-likelihood) or ``"mean"`` (length-normalised)."""
+        if kind == "sum":
+            return self.sums
+        if kind == "mean":
+            return self.scores
+        raise ConfigError(f"unknown score {kind!r}: choose one of {SCORE_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -113,26 +126,26 @@ def encode_pairs(
     prompts: Sequence[str],
     answers: Sequence[str],
     max_length: int | None = None,
+    add_bos: bool = False,
 ) -> PairBatch:
     """Tokenise (prompt, answer) pairs into a right-padded :class:`PairBatch` (see module docstring)."""
     if len(prompts) != len(answers):
         raise DataError(f"{len(prompts)} prompts but {len(answers)} answers: pass one answer per prompt")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt and an answer: use >= 2")
-    rows = [_encode_pair(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    rows = [_encode_pair(tokenizer, p, a, max_length, add_bos) for p, a in zip(prompts, answers)]
     return _pad_rows(rows, pad_id(tokenizer))
 
 
 def _encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int | None
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int | None, add_bos: bool
 ) -> tuple[list[int], int]:
     """Return the concatenated ids and the number of answer tokens at their end."""
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if not prompt_ids:
+    if not prompt:
         raise DataError(f"prompt {prompt!r} encodes to no tokens: the first answer token needs a context")
-    if not answer_ids:
+    if not answer.strip():
         raise DataError(f"answer {answer!r} (prompt {prompt!r}) encodes to no tokens: drop empty answers")
+    prompt_ids, answer_ids = encode_pair(tokenizer, prompt, answer, add_bos=add_bos)
     if max_length is not None:
         answer_ids = answer_ids[: max_length - 1]
         prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
@@ -172,18 +185,21 @@ def sequence_logprobs(
     answers: Sequence[str] | None = None,
     *,
     max_length: int | None = None,
+    add_bos: bool | None = None,
 ) -> Tensor:
-    """Length-normalised log-likelihood :math:`s(a)` of each answer given its prompt, shape ``[B]``.
+    """Length-normalised log-likelihood of each answer given its prompt, shape ``[B]``.
 
-    Pass either a tokenizer with ``prompts`` and ``answers``, or a pre-tokenised :class:`PairBatch`.
-    Gradients flow; wrap the call in ``torch.no_grad()`` for scoring only.
+    Pass either a tokenizer with ``prompts`` and ``answers`` (BOS as the harness adds it for ``model`` unless
+    ``add_bos`` says otherwise), or a pre-tokenised :class:`PairBatch`. Gradients flow; wrap the call in
+    ``torch.no_grad()`` for scoring only.
     """
     if isinstance(tokenizer_or_batch, PairBatch):
         batch = tokenizer_or_batch
     elif prompts is None or answers is None:
         raise ConfigError("sequence_logprobs with a tokenizer needs prompts= and answers=")
     else:
-        batch = encode_pairs(tokenizer_or_batch, prompts, answers, max_length)
+        batch = encode_pairs(tokenizer_or_batch, prompts, answers, max_length,
+                             default_add_bos(model) if add_bos is None else add_bos)
     return answer_logprobs(model, batch).scores
 
 
@@ -237,6 +253,7 @@ def combined_loss(
     lambda_lm: float = 1.0,
     temperature: float = 1.0,
     margin: float = 0.1,
+    score: ScoreKind = "sum",
 ) -> LossParts:
     r""":math:`\lambda_\mathrm{con}\overline{\mathcal{L}_\mathrm{con}} + \lambda_\mathrm{lm}\mathcal{L}_\mathrm{lm}`.
 
@@ -248,9 +265,9 @@ def combined_loss(
     if neg_scores is None:
         raise ConfigError(f"lambda_con={lambda_con} > 0 needs negative scores")
     if loss == "infonce":
-        con = infonce_loss(pos.scores, neg_scores, temperature, neg_mask).mean()
+        con = infonce_loss(pos.score(score), neg_scores, temperature, neg_mask).mean()
     elif loss == "margin":
-        con = margin_loss(pos.scores, neg_scores, margin, neg_mask).mean()
+        con = margin_loss(pos.score(score), neg_scores, margin, neg_mask).mean()
     else:
         raise ConfigError(f"unknown contrastive loss {loss!r}: choose one of {LOSS_KINDS}")
     return LossParts(total=lambda_con * con + lambda_lm * lm, con=con, lm=lm)
@@ -272,8 +289,13 @@ def score_examples(
     *,
     with_negatives: bool = True,
     max_length: int | None = None,
+    score: ScoreKind = "sum",
+    add_bos: bool | None = None,
 ) -> ScoredBatch:
-    """Score every gold answer and (optionally) every negative of ``examples`` in one forward pass."""
+    """Score every gold answer and (optionally) every negative of ``examples`` in one forward pass.
+
+    The negatives' scores are of kind ``score``; inputs start with BOS where the harness adds it for ``model``
+    (:func:`avss_lib.core.harness.default_add_bos`) unless ``add_bos`` says otherwise."""
     prompts = [ex.prompt for ex in examples]
     answers = [ex.positive for ex in examples]
     owners: list[int] = []
@@ -282,12 +304,13 @@ def score_examples(
             prompts.extend([ex.prompt] * len(ex.negatives))
             answers.extend(ex.negatives)
             owners.extend([b] * len(ex.negatives))
-    scored = answer_logprobs(model, encode_pairs(tokenizer, prompts, answers, max_length))
+    add_bos = default_add_bos(model) if add_bos is None else add_bos
+    scored = answer_logprobs(model, encode_pairs(tokenizer, prompts, answers, max_length, add_bos))
     n = len(examples)
     pos = AnswerLogprobs(sums=scored.sums[:n], counts=scored.counts[:n])
     if not with_negatives:
         return ScoredBatch(pos=pos, neg_scores=None, neg_mask=None)
-    neg_scores, neg_mask = _scatter_negatives(scored.scores[n:], owners, n)
+    neg_scores, neg_mask = _scatter_negatives(scored.score(score)[n:], owners, n)
     return ScoredBatch(pos=pos, neg_scores=neg_scores, neg_mask=neg_mask)
 
 

@@ -118,9 +118,10 @@ class MitigationResult:
 
 
 def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: str = "float32",
-                   data_root: str | None = None, datasets: Sequence[str], n_eval: int | None = None, k: int, eavss_source: str = "pooled", avss_variant: str = "block_rel",
-                   arms: Sequence[str], steps: int, lr: float, batch_size: int = 4, lambda_con: float = 1.0,
-                   lambda_lm: float = 1.0, temperature: float = 1.0, loss: str = "infonce", max_negatives: int = 4,
+                   data_root: str | None = None, datasets: Sequence[str], n_eval: int | None = None, k: int,
+                   eavss_source: str = "pooled", avss_variant: str = "block_rel", arms: Sequence[str], steps: int,
+                   lr: float, batch_size: int = 4, lambda_con: float = 1.0, lambda_lm: float = 1.0,
+                   temperature: float = 1.0, loss: str = "infonce", score: str = "sum", max_negatives: int = 4,
                    train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
                    eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
                    ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5,
@@ -133,6 +134,7 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     eval_options = upstream_eval_options(run_dir)
     settings = MitigationSettings(
         k=k, steps=steps, lr=lr, lambda_con=lambda_con, lambda_lm=lambda_lm, temperature=temperature, loss=loss,
+        score=score,
         batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
         max_negatives=max_negatives, train_max_length=train_max_length, eval_batch_size=eval_batch_size,
         eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length, **eval_options)

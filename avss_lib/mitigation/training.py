@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from avss_lib.mitigation.contrastive_loss import LOSS_KINDS, ContrastiveExample, LossKind, combined_loss, score_examples
+from avss_lib.mitigation.contrastive_loss import (LOSS_KINDS, SCORE_KINDS, ContrastiveExample, LossKind, ScoreKind,
+                                                  combined_loss, score_examples)
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.io import atomic_path
 from avss_lib.core.layers import find_layers
@@ -44,6 +45,7 @@ class TrainConfig:
     temperature: float = 1.0
     margin: float = 0.1
     loss: LossKind = "infonce"
+    score: ScoreKind = "sum"  # the answer score the contrastive term compares: "sum" (as evaluated) or "mean"
     grad_clip: float = 1.0  # max global L2 norm of the trainable gradients; <= 0 disables clipping
     seed: int = 0
     checkpoint_every: int = 50
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"margin={self.margin} and weight_decay={self.weight_decay} must be >= 0")
         if self.loss not in LOSS_KINDS:
             raise ConfigError(f"unknown loss {self.loss!r}: choose one of {LOSS_KINDS}")
+        if self.score not in SCORE_KINDS:
+            raise ConfigError(f"unknown score {self.score!r}: choose one of {SCORE_KINDS}")
         if self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} must be >= 2")
 
@@ -214,12 +218,11 @@ def _train_step(
     """One optimiser step; returns its log row."""
     optimizer.zero_grad(set_to_none=True)
     scored = score_examples(
-        model, tokenizer, batch, with_negatives=config.lambda_con > 0, max_length=config.max_length
-    )
+        model, tokenizer, batch, with_negatives=config.lambda_con > 0, max_length=config.max_length,
+        score=config.score)
     parts = combined_loss(
         scored.pos, scored.neg_scores, scored.neg_mask, loss=config.loss, lambda_con=config.lambda_con,
-        lambda_lm=config.lambda_lm, temperature=config.temperature, margin=config.margin,
-    )
+        lambda_lm=config.lambda_lm, temperature=config.temperature, margin=config.margin, score=config.score)
     parts.total.backward()
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_norm)
@@ -230,7 +233,7 @@ def _train_step(
         "loss_con": parts.con.item(),
         "loss_lm": parts.lm.item(),
         "grad_norm": grad_norm.item(),
-        "score_pos": scored.pos.scores.mean().item(),
+        "score_pos": scored.pos.score(config.score).mean().item(),
         "score_neg": _mean_negative(scored.neg_scores, scored.neg_mask),
     }
 
