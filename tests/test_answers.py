@@ -156,3 +156,33 @@ def test_answer_summary_by_hand():
     assert sciq["ece_percent"] == pytest.approx(40.0)  # confidence 0.6, all correct
     assert list(summary.index) == [("nq_open", "exact_match"), ("nq_open", "alias_containment"), ("sciq", "choice")]
     assert not ans.answer_summary(frame, min_class=2).set_index("convention").loc["exact_match", "usable"]
+
+
+def test_few_shot_prompts_follow_the_harness_layout():
+    """lm-evaluation-harness's nq_open / triviaqa YAML: description, shots "text target" joined by the few-shot
+    delimiter, then the question; zero shots keep the zero-shot prompt."""
+    nq = load_benchmark("nq_open", data_root=FIXTURES).examples
+    assert tasks.open_qa_prompt("nq_open", "who is it", nq[:2]) == (
+        "Answer these questions:\n\n"
+        f"Q: {nq[0].question}?\nA: {nq[0].answers[0]}\n"
+        f"Q: {nq[1].question}?\nA: {nq[1].answers[0]}\n"
+        "Q: who is it?\nA:")
+    tq = load_benchmark("triviaqa", data_root=FIXTURES).examples
+    assert tasks.open_qa_prompt("triviaqa", "Who is it", tq[:1]) == (
+        f"Question: {tq[0].question}?\nAnswer: {tq[0].answers[0]}\n\nQuestion: Who is it?\nAnswer:")
+    assert tasks.open_qa_prompt("nq_open", "who is it") == tasks.PROMPTS["nq_open"].format(question="who is it")
+
+
+def test_shots_are_never_asked_and_the_answers_use_them(model, tok):
+    asked = ans.load_questions("nq_open", 2, seed=0, data_root=FIXTURES)
+    shots = ans.load_shots(asked, 2, seed=0, data_root=FIXTURES)
+    assert len(shots) == 2 and not {s.id for s in shots} & {e.id for e in asked.examples}
+    assert ans.load_shots(asked, 0, seed=0, data_root=FIXTURES) == ()
+    with pytest.raises(DataError, match="unasked examples"):
+        ans.load_shots(asked, 3, seed=0, data_root=FIXTURES)
+    result = ans.answer_benchmark(model, tok, asked, shots=shots)
+    assert result.settings["shots"] == [s.id for s in shots]
+    assert all(p == tasks.open_qa_prompt("nq_open", q, shots)
+               for p, q in zip(result.answers["prompt"], result.answers["question"]))
+    with pytest.raises(ConfigError, match="a shot is one of the asked questions"):
+        ans.answer_benchmark(model, tok, asked, shots=asked.examples[:1])

@@ -669,12 +669,16 @@ def test_phrases_choose_their_clause_from_the_data() -> None:
 def test_upstream_options_follow_chapter_04(tmp_path: Path) -> None:
     EAVSS_LAYERS.write({**EAVSS, "label_convention": "alias_containment"}, tmp_path)
     PROVENANCE_04.write({"answer_settings": {"sciq": {"sciq_with_support": True},
-                                             "wikiqa": {"wikiqa_scoring": "loglik_norm"}}}, tmp_path)
+                                             "wikiqa": {"wikiqa_scoring": "loglik_norm"},
+                                             "nq_open": {"shots": ["nq_open-7", "nq_open-3"]}}}, tmp_path)
     assert upstream_eval_options(tmp_path) == {"label_convention": "alias_containment", "sciq_with_support": True,
-                                               "wikiqa_scoring": "loglik_norm"}
+                                               "wikiqa_scoring": "loglik_norm", "shot_ids": {"nq_open": ["nq_open-7",
+                                                                                                      "nq_open-3"]}}
+    bench = _benchmarks()
+    assert [e.id for e in td.shots_by_id(bench["nq_open"], ["nq_open-7", "nq_open-3"])] == ["nq_open-7", "nq_open-3"]
     PROVENANCE_04.write({"model": {"spec": "x"}}, tmp_path)  # nothing recorded: answer_benchmark's defaults
     assert upstream_eval_options(tmp_path) == {"label_convention": "alias_containment", "sciq_with_support": False,
-                                               "wikiqa_scoring": "pmi"}
+                                               "wikiqa_scoring": "pmi", "shot_ids": {}}
     answers = _answers(_benchmarks())
     ANSWERS.write(answers, tmp_path)
     QUESTION_SPLIT.write(split_datasets(answers, td.DATASETS, seed=0), tmp_path)

@@ -16,7 +16,8 @@ Each task returns a :class:`TaskResult`; ``correct`` is the column that defines 
 - ``nq_open`` — ``"Answer these questions:\\nQ: {question}?\\nA:"``; ``triviaqa`` —
   ``"Question: {question}?\\nAnswer:"`` (both verbatim from the harness, including its ``?``). Greedy,
   ``max_new_tokens=24``, stop at the harness's ``("\\n", ".", ",")``; scored by normalised exact match
-  (``correct``) and alias containment.
+  (``correct``) and alias containment. With ``shots`` (solved examples) the prompt is lm-evaluation-harness's
+  few-shot context (:func:`open_qa_prompt`: its description, shot layout, target delimiter and shot delimiter).
 - ``truthfulqa_gen`` — primer prompt, greedy, ``max_new_tokens=50``, stop at a newline; ROUGE-L F (torchmetrics) against the
   best-matching true reference (plus "I have no comment.", as the harness adds) and the best-matching
   false one; ``correct`` = the true one matches better (the harness's ``rougeL_acc``). Because the abstention
@@ -96,6 +97,24 @@ PROMPTS: dict[str, str] = {
     "wikiqa": "Question: {question}\nAnswer:",
     "wikiqa_unconditional": "Answer:",
 }
+
+
+#: lm-evaluation-harness's few-shot layout of the open-QA tasks (its ``nq_open`` and ``triviaqa`` YAML): the
+#: description, the question template (``doc_to_text``) and the delimiter between shots (``fewshot_delimiter``);
+#: each shot is the template, the target delimiter ``" "`` and its first gold answer.
+FEWSHOT: dict[str, tuple[str, str, str]] = {
+    "nq_open": ("Answer these questions:\n\n", "Q: {question}?\nA:", "\n"),
+    "triviaqa": ("", "Question: {question}?\nAnswer:", "\n\n"),
+}
+
+
+def open_qa_prompt(name: str, question: str, shots: Sequence[Example] = ()) -> str:
+    """The prompt of an NQ-open / TriviaQA question: zero-shot :data:`PROMPTS`, or the few-shot context."""
+    if not shots:
+        return PROMPTS[name].format(question=question)
+    description, template, delimiter = FEWSHOT[name]
+    solved = [template.format(question=s.question) + " " + s.answers[0] for s in shots]
+    return description + delimiter.join(solved) + delimiter + template.format(question=question)
 
 
 @dataclass
@@ -249,13 +268,20 @@ def _ranking_row(example: Example, scores: np.ndarray) -> dict[str, Any]:
 def evaluate_open_qa(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, *,
                      stop: Sequence[str] = QA_STOP, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                      batch_size: int = 8, max_length: int | None = None, add_bos: bool | None = None,
-                     seed: int = 0) -> TaskResult:
-    """NQ-open / TriviaQA: greedy answers scored by exact match (``correct``) and alias containment."""
+                     shots: Sequence[Example] = (), seed: int = 0) -> TaskResult:
+    """NQ-open / TriviaQA: greedy answers scored by exact match (``correct``) and alias containment.
+
+    ``shots``: solved examples put before every question (lm-evaluation-harness's few-shot layout); they must
+    not be among the questions asked."""
     if benchmark.name not in ("nq_open", "triviaqa"):
         raise ConfigError(f"evaluate_open_qa handles nq_open and triviaqa, not {benchmark.name!r}")
     examples = _check_examples(benchmark, lambda e: bool(e.answers), "gold answers")
-    template = PROMPTS[benchmark.name]
-    generations = generate_until(model, tokenizer, [template.format(question=e.question) for e in examples],
+    asked = {e.id for e in examples}
+    if any(s.id in asked or not s.answers for s in shots):
+        raise ConfigError(f"{benchmark.name}: a shot is one of the asked questions or has no answer: draw the shots "
+                          "from examples that are not asked")
+    template = PROMPTS[benchmark.name] if not shots else FEWSHOT[benchmark.name][1]
+    generations = generate_until(model, tokenizer, [open_qa_prompt(benchmark.name, e.question, shots) for e in examples],
                                  stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  max_length=max_length, add_bos=add_bos, desc=benchmark.name)
     rows = [{"id": e.id, "prediction": g.text, "correct": exact_match(g.text, e.answers),
@@ -267,7 +293,8 @@ def evaluate_open_qa(model: nn.Module, tokenizer: PreTrainedTokenizerBase, bench
                "ece": _ece_ci(frame["confidence"], frame["correct"], seed),
                "ece_containment": _ece_ci(frame["confidence"], frame["alias_containment"], seed)}
     settings = _settings(model, benchmark, prompt=template, stop=list(stop), max_new_tokens=max_new_tokens,
-                         max_length=max_length, confidence="exp(mean log-prob of answer tokens)")
+                         max_length=max_length, confidence="exp(mean log-prob of answer tokens)",
+                         shots=[s.id for s in shots])
     return TaskResult(benchmark.name, frame, summary, settings)
 
 

@@ -4,7 +4,9 @@
 evaluate_task`, lm-evaluation-harness prompts) and returns one row per question in the notebook-04 artifact
 format (:data:`ANSWER_COLUMNS`):
 
-- ``nq_open``, ``triviaqa`` — greedy generation (stop at newline, ``.`` or ``,``); ``prediction`` is the
+- ``nq_open``, ``triviaqa`` — greedy generation (stop at newline, ``.`` or ``,``), zero-shot or after ``shots``
+  solved examples in lm-evaluation-harness's few-shot layout (:func:`load_shots` draws them from the split's
+  examples that are *not* asked, as the harness draws them from another split); ``prediction`` is the
   answer text, ``confidence`` its length-normalised sequence probability; ``correct_exact_match`` and
   ``correct_alias_containment`` are the two label conventions of :mod:`avss_lib.core.answer_matching`.
 - ``sciq`` (4-way), ``truthfulqa_mc`` (MC1: the single true answer among the MC1 targets) and ``wikiqa``
@@ -36,7 +38,7 @@ from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark, subsamp
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.harness import score_multiple_choice
 from avss_lib.core.metrics import bootstrap_ci, choice_probabilities, expected_calibration_error
-from avss_lib.core.tasks import PROMPTS, evaluate_task
+from avss_lib.core.tasks import FEWSHOT, PROMPTS, evaluate_task, open_qa_prompt
 from avss_lib.hallucination.group_stats import check_class_sizes
 
 #: Benchmarks this module answers (the EAVSS paper's five QA sets).
@@ -87,7 +89,24 @@ def load_questions(dataset: str, n: int | None, seed: int, data_root: Any = None
     return Benchmark(name=dataset, examples=kept, provenance=provenance)
 
 
-def _prompt(dataset: str, example: Example, sciq_with_support: bool) -> str:
+def load_shots(asked: Benchmark, k: int, seed: int, data_root: Any = None) -> tuple[Example, ...]:
+    """``k`` solved examples of ``asked``'s split for a few-shot prompt, drawn (seeded) from the examples with an
+    answer that are *not* asked, so no shot is ever a question the model answers or is scored on."""
+    if k < 0:
+        raise ConfigError(f"open_qa_shots={k} must be >= 0 (0: zero-shot)")
+    if k == 0:
+        return ()
+    full = load_benchmark(asked.name, data_root=data_root, split=asked.provenance.get("split"))
+    taken = {e.id for e in asked.examples}
+    pool = [e for e in full.examples if e.id not in taken and e.answers]
+    if len(pool) < k:
+        raise DataError(f"{asked.name}: only {len(pool)} unasked examples for {k} shots: ask fewer questions")
+    return tuple(subsample(pool, k, seed + 1))
+
+
+def _prompt(dataset: str, example: Example, sciq_with_support: bool, shots: Sequence[Example] = ()) -> str:
+    if dataset in GENERATIVE:
+        return open_qa_prompt(dataset, example.question, shots)
     if dataset == "sciq":
         template = PROMPTS["sciq" if sciq_with_support else "sciq_closed_book"]
         return template.format(support=(example.context or "").lstrip(), question=example.question)
@@ -118,15 +137,20 @@ def _truthfulqa_mc1(model: nn.Module, tokenizer: PreTrainedTokenizerBase, exampl
 
 def answer_benchmark(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, *,
                      label_convention: str = "exact_match", batch_size: int = 8, sciq_with_support: bool = False,
-                     wikiqa_scoring: str = "pmi", truthfulqa_mc2: bool = False, seed: int = 0) -> AnswerSet:
-    """Answer every question of ``benchmark`` and label it (see the module docstring)."""
+                     wikiqa_scoring: str = "pmi", truthfulqa_mc2: bool = False, shots: Sequence[Example] = (),
+                     seed: int = 0) -> AnswerSet:
+    """Answer every question of ``benchmark`` and label it (see the module docstring); ``shots`` are the
+    open-QA few-shot examples (ignored by the multiple-choice sets)."""
     _check_convention(label_convention)
     dataset = benchmark.name
     if dataset not in DATASETS:
         raise ConfigError(f"dataset {dataset!r} is not one of {DATASETS}")
     examples = benchmark.examples
-    prompts = [_prompt(dataset, e, sciq_with_support) for e in examples]
+    shots = tuple(shots) if dataset in GENERATIVE else ()
+    prompts = [_prompt(dataset, e, sciq_with_support, shots) for e in examples]
     opts: dict[str, Any] = {"seed": seed}
+    if dataset in GENERATIVE:
+        opts["shots"] = shots
     if dataset == "sciq":
         opts["with_support"] = sciq_with_support
     if dataset == "wikiqa":
@@ -163,7 +187,9 @@ def answer_benchmark(model: nn.Module, tokenizer: PreTrainedTokenizerBase, bench
     out = out[list(ANSWER_COLUMNS) + list(EXTRA_COLUMNS)].reset_index(drop=True)
     settings = {"dataset": dataset, "benchmark": benchmark.provenance, "label_convention": label_convention,
                 "prompt_template": PROMPTS["sciq" if sciq_with_support else "sciq_closed_book"] if dataset == "sciq"
+                else (FEWSHOT[dataset][1] if shots else PROMPTS[dataset]) if dataset in GENERATIVE
                 else PROMPTS["truthfulqa" if dataset == "truthfulqa_mc" else dataset],
+                **({"shots": [e.id for e in shots]} if dataset in GENERATIVE else {}),
                 **({"sciq_with_support": sciq_with_support} if dataset == "sciq" else {}),
                 **({"wikiqa_scoring": wikiqa_scoring} if dataset == "wikiqa" else {}),
                 **({"truthfulqa_scored": "MC1 and MC2" if truthfulqa_mc2 else "MC1 only"}
@@ -174,12 +200,15 @@ def answer_benchmark(model: nn.Module, tokenizer: PreTrainedTokenizerBase, bench
 
 
 def answer_benchmarks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, datasets: Sequence[str], *,
-                      n: int | None, seed: int = 0, data_root: Any = None, **kwargs: Any
+                      n: int | None, seed: int = 0, data_root: Any = None, open_qa_shots: int = 0, **kwargs: Any
                       ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """Answers of every dataset in one frame (the ``answers.parquet`` artifact) and each one's settings."""
+    """Answers of every dataset in one frame (the ``answers.parquet`` artifact) and each one's settings;
+    NQ-open and TriviaQA after ``open_qa_shots`` solved examples that are not asked (:func:`load_shots`)."""
     frames, settings = [], {}
     for dataset in datasets:
-        result = answer_benchmark(model, tokenizer, load_questions(dataset, n, seed, data_root), seed=seed, **kwargs)
+        asked = load_questions(dataset, n, seed, data_root)
+        shots = load_shots(asked, open_qa_shots, seed, data_root) if dataset in GENERATIVE else ()
+        result = answer_benchmark(model, tokenizer, asked, seed=seed, shots=shots, **kwargs)
         frames.append(result.answers)
         settings[dataset] = result.settings
     return pd.concat(frames, ignore_index=True), settings

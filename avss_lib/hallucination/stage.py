@@ -72,6 +72,7 @@ class HallucinationResult:
     verdicts: list[Verdict]  # the primary verdict (at ``position``), then the exploratory one at the secondary
     secondary: PositionAnalysis | None = None  # the exploratory analysis at the secondary position
     length_strata: int = 0  # answer-length bins of the permutation null at the answer position
+    open_qa_shots: int = 0  # solved examples before every NQ-open / TriviaQA question
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -115,6 +116,7 @@ class HallucinationResult:
                 float(pooled_row["jaccard_with_lowest_avss"].iloc[0]) if len(pooled_row) else float("nan")),
             "hal_avss_variant": f"`{self.avss_variant}`", "hal_avss_rule": f"`{self.avss_rule}`",
             "hal_secondary": prose.secondary_sentence(self.verdicts, self.length_strata),
+            "hal_open_qa_shots": self.open_qa_shots,
             **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
         }
 
@@ -226,7 +228,7 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                       seed_fraction: float, n_perm: int, n_splits: int, alpha: float, sciq_with_support: bool,
                       wikiqa_scoring: str, avss_variant: str, avss_rule: str, batch_size: int,
                       seed: int, evaluation_fraction: float = 0.5, secondary_position: str | None = None,
-                      length_strata: int = LENGTH_STRATA) -> HallucinationResult:
+                      length_strata: int = LENGTH_STRATA, open_qa_shots: int = 0) -> HallucinationResult:
     """Run stage 04 with chapter 04's parameters and write its artifacts to ``run_dir``.
 
     Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``QUESTION_SPLIT``,
@@ -247,7 +249,8 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     with contextlib.redirect_stderr(StringIO()):  # the harness's progress bars
         answers, answer_settings = answer_benchmarks(
             lm, tokenizer, datasets, n=n, seed=seed, data_root=data_root, label_convention=label_convention,
-            batch_size=batch_size, sciq_with_support=sciq_with_support, wikiqa_scoring=wikiqa_scoring)
+            batch_size=batch_size, sciq_with_support=sciq_with_support, wikiqa_scoring=wikiqa_scoring,
+            open_qa_shots=open_qa_shots)
     timings["answers"] = time.perf_counter() - start
     art.ANSWERS.write(answers, run_dir)
     accuracy = answer_summary(answers, min_class=min_class, seed=seed)
@@ -296,4 +299,4 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
         answer_summary=accuracy, measured=measured,
         analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
         excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, secondary=secondary,
-        length_strata=length_strata, timings=timings)
+        length_strata=length_strata, open_qa_shots=open_qa_shots, timings=timings)

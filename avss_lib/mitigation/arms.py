@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
+from avss_lib.core.benchmarks import Example
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.layers import find_layers
 from avss_lib.core.models import DTYPES
@@ -69,6 +70,7 @@ class MitigationSettings:
     ppl_chars: int | None = 20_000  # characters of the WikiText-2 test split scored for perplexity (0 skips, None: all)
     ppl_max_length: int = 512
     eval_dtype: str | None = None  # evaluate a copy in this dtype (e.g. "bfloat16"); None: the training dtype
+    open_qa_shots: Mapping[str, tuple[Example, ...]] = field(default_factory=dict)  # chapter 04's few-shot examples
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`ConfigError` naming the fix for any value the study cannot use."""
@@ -106,7 +108,8 @@ class MitigationSettings:
         """The evaluation options a finished run's results depend on (part of its resume key)."""
         return {"eval_batch_size": self.eval_batch_size, "sciq_with_support": self.sciq_with_support,
                 "wikiqa_scoring": self.wikiqa_scoring, "label_convention": self.label_convention,
-                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length, "eval_dtype": self.eval_dtype}
+                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length, "eval_dtype": self.eval_dtype,
+                "shots": {name: [e.id for e in shots] for name, shots in self.open_qa_shots.items() if shots}}
 
 
 def _check_k(k: int, n_layers: int) -> None:

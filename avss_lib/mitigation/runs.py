@@ -61,7 +61,8 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_se
     for name, bench in eval_sets.items():
         answered = answer_benchmark(model, tokenizer, bench, label_convention=settings.label_convention,
                                     batch_size=settings.eval_batch_size, sciq_with_support=settings.sciq_with_support,
-                                    wikiqa_scoring=settings.wikiqa_scoring, seed=seed).answers
+                                    wikiqa_scoring=settings.wikiqa_scoring,
+                                    shots=settings.open_qa_shots.get(name, ()), seed=seed).answers
         frames.append(pd.DataFrame({
             "dataset": name, "id": answered["id"].astype(str), "correct": answered["correct"].astype(bool),
             "confidence": answered["confidence"].astype(float), "prediction": answered["prediction"].astype(str),

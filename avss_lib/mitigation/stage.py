@@ -29,7 +29,7 @@ from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
 from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
-                                               perplexity_benchmark, split_for, to_examples)
+                                               perplexity_benchmark, shots_by_id, split_for, to_examples)
 from avss_lib.mitigation.pooled_effects import examples_needed, primary_table
 from avss_lib.mitigation.verdict import CLAIMED, RANDOM_MARGIN, e2_primary_verdict, e2_reading, e2_verdicts
 
@@ -38,7 +38,8 @@ FAMILY_ALPHA = 0.05
 
 
 def upstream_eval_options(run_dir: RunDir) -> dict[str, Any]:
-    """The evaluation options chapter 04 answered with (label convention, SciQ support, WikiQA scoring).
+    """The evaluation options chapter 04 answered with (label convention, SciQ support, WikiQA scoring, the ids
+    of the open-QA few-shot examples).
 
     Read from chapter 04's ``EAVSS_LAYERS`` and ``PROVENANCE_04`` (its ``answer_settings``); the defaults of
     :func:`avss_lib.hallucination.answers.answer_benchmark` fill in whatever they do not record.
@@ -47,7 +48,9 @@ def upstream_eval_options(run_dir: RunDir) -> dict[str, Any]:
     answer_settings = PROVENANCE_04.read(run_dir).get("answer_settings") or {}
     return {"label_convention": layers.get("label_convention", "exact_match"),
             "sciq_with_support": bool((answer_settings.get("sciq") or {}).get("sciq_with_support", False)),
-            "wikiqa_scoring": (answer_settings.get("wikiqa") or {}).get("wikiqa_scoring", "pmi")}
+            "wikiqa_scoring": (answer_settings.get("wikiqa") or {}).get("wikiqa_scoring", "pmi"),
+            "shot_ids": {name: list(answer_settings[name].get("shots") or []) for name in ("nq_open", "triviaqa")
+                         if name in answer_settings}}
 
 
 def load_upstream(run_dir: RunDir) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
@@ -132,14 +135,17 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     torch.manual_seed(seed)
     answers, question_split, eavss_layers, avss_scores = load_upstream(run_dir)
     eval_options = upstream_eval_options(run_dir)
+    benchmarks = load_benchmarks(datasets, data_root)
+    shot_ids = {name: ids for name, ids in eval_options["shot_ids"].items() if name in benchmarks}
     settings = MitigationSettings(
         k=k, steps=steps, lr=lr, lambda_con=lambda_con, lambda_lm=lambda_lm, temperature=temperature, loss=loss,
-        score=score,
-        batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
+        score=score, batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
         max_negatives=max_negatives, train_max_length=train_max_length, eval_batch_size=eval_batch_size,
-        eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length, **eval_options)
+        eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length,
+        label_convention=eval_options["label_convention"], sciq_with_support=eval_options["sciq_with_support"],
+        wikiqa_scoring=eval_options["wikiqa_scoring"],
+        open_qa_shots={name: shots_by_id(benchmarks[name], ids) for name, ids in shot_ids.items()})
     split = split_for(question_split, answers, datasets)
-    benchmarks = load_benchmarks(datasets, data_root)
     train_frame = build_training_frame(answers, split, benchmarks, max_negatives=max_negatives)
     TRAIN_EXAMPLES.write(train_frame, run_dir)
     examples = to_examples(train_frame)
