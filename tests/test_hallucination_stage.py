@@ -41,8 +41,9 @@ def test_answers_and_provenance(smoke_run):
     for name, settings in provenance["answer_settings"].items():
         rows = int((answers["dataset"] == name).sum())
         assert settings["benchmark"]["n"] == rows and settings["benchmark"]["files"] and settings["benchmark"]["sha256"]
-    assert set(provenance["timings_s"]) == {"load_model", "answers", "example_stats", "analysis",
-                                            "secondary_example_stats", "secondary_analysis"}
+    always = {"load_model", "answers", "example_stats", "analysis", "secondary_example_stats", "secondary_analysis"}
+    assert always <= set(provenance["timings_s"]) <= always | {"causal_check"}
+    assert ("causal_check" in provenance["timings_s"]) == art.CAUSAL_CHECK.exists(smoke_run)
 
 
 @pytest.mark.slow
@@ -151,3 +152,18 @@ def test_layers_are_chosen_on_the_selection_half_only(smoke_run):
         assert selection and set(side_ids(split, name, EVALUATION))
         measured = set(stats.loc[stats["dataset"] == name, "example_id"].astype(str))
         assert measured and measured <= selection
+
+
+@pytest.mark.slow
+@needs_data
+def test_the_causal_check_asks_evaluation_half_questions_only(smoke_run):
+    if not art.CAUSAL_CHECK.exists(smoke_run):
+        assert not art.EAVSS_LAYERS.read(smoke_run)["pooled"]  # skipped only without a pooled ranking
+        return
+    split, removed = art.QUESTION_SPLIT.read(smoke_run), art.CAUSAL_ANSWERS.read(smoke_run)
+    for name, part in removed.groupby("dataset"):
+        assert set(part["id"].astype(str)) <= set(side_ids(split, name, EVALUATION))
+    table = art.CAUSAL_CHECK.read(smoke_run).set_index("set")
+    assert {"untouched", "top-k EAVSS", "bottom-k EAVSS", "k random"} == set(table.index)
+    pooled = art.EAVSS_LAYERS.read(smoke_run)["pooled"]
+    assert set(removed.loc[removed["set"] == "top-k EAVSS", "layers"].iloc[0]) == set(pooled)

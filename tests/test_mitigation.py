@@ -23,6 +23,7 @@ from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.metrics import reliability_bins
 from avss_lib.core.splits import EVALUATION, SELECTION, normalize_question, split_datasets
 from avss_lib.core.tasks import PROMPTS
+from avss_lib.hallucination.answers import shots_by_id
 from avss_lib.mitigation import arms as am
 from avss_lib.mitigation import figures, prose, runs, tables
 from avss_lib.mitigation import outcomes as oc
@@ -675,7 +676,7 @@ def test_upstream_options_follow_chapter_04(tmp_path: Path) -> None:
                                                "wikiqa_scoring": "loglik_norm", "shot_ids": {"nq_open": ["nq_open-7",
                                                                                                       "nq_open-3"]}}
     bench = _benchmarks()
-    assert [e.id for e in td.shots_by_id(bench["nq_open"], ["nq_open-7", "nq_open-3"])] == ["nq_open-7", "nq_open-3"]
+    assert [e.id for e in shots_by_id(bench["nq_open"], ["nq_open-7", "nq_open-3"])] == ["nq_open-7", "nq_open-3"]
     PROVENANCE_04.write({"model": {"spec": "x"}}, tmp_path)  # nothing recorded: answer_benchmark's defaults
     assert upstream_eval_options(tmp_path) == {"label_convention": "alias_containment", "sciq_with_support": False,
                                                "wikiqa_scoring": "pmi", "shot_ids": {}}

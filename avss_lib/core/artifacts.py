@@ -203,6 +203,12 @@ E1_SECONDARY = Artifact("04_hallucination_layers", "e1_secondary.parquet",
                         "E1's inputs at the secondary (exploratory) token position, with the length controls",
                         columns=("dataset", "n_hallucinated", "n_correct", "usable", "max_abs_eavss", "position"),
                         list_columns=("top_k",))
+CAUSAL_ANSWERS = Artifact("04_hallucination_layers", "causal_answers.parquet",
+                          "the causal check's answers: evaluation-half questions asked with layers removed",
+                          columns=("set", "draw", "dataset", "id", "correct"), list_columns=("layers",))
+CAUSAL_CHECK = Artifact("04_hallucination_layers", "causal_check.csv",
+                        "hallucination rate with the top-k, bottom-k or k random EAVSS layers removed",
+                        columns=("set", "layers", "draws", "n", "hallucination_rate", "low", "high", "change"))
 EAVSS_LAYERS = Artifact("04_hallucination_layers", "eavss_layers.json",
                         "the top-k EAVSS layers per data set and pooled, and the lowest-AVSS layers")
 VERDICT_04 = verdict("04_hallucination_layers")

@@ -104,6 +104,15 @@ def load_shots(asked: Benchmark, k: int, seed: int, data_root: Any = None) -> tu
     return tuple(subsample(pool, k, seed + 1))
 
 
+def shots_by_id(benchmark: Benchmark, ids: Sequence[str]) -> tuple[Example, ...]:
+    """The few-shot examples recorded by id (``answer_settings[dataset]["shots"]``), in order, from ``benchmark``."""
+    index = {e.id: e for e in benchmark.examples}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise DataError(f"{benchmark.name}: shot ids {missing[:3]} are not in the benchmark: use the data chapter 04 used")
+    return tuple(index[i] for i in ids)
+
+
 def _prompt(dataset: str, example: Example, sciq_with_support: bool, shots: Sequence[Example] = ()) -> str:
     if dataset in GENERATIVE:
         return open_qa_prompt(dataset, example.question, shots)

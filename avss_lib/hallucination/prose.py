@@ -127,3 +127,18 @@ def secondary_sentence(verdicts: Sequence[Verdict], length_strata: int) -> str:
     return (f"Exploratory, at the secondary position ({v.subject}): {control}{int(v.numbers['n_pass_all'])} of "
             f"{int(v.numbers['n_usable'])} usable data set(s) pass all three tests (outcome *{v.outcome}* under "
             "the same rule; not the claim's verdict).")
+
+
+def causal_sentence(table: pd.DataFrame | None) -> str:
+    """The causal check in one sentence: each removed set's change of the pooled hallucination rate."""
+    if table is None or table.empty:
+        return ("The causal check did not run (parameter `causal_n` is 0, or no data set was usable, so there is no "
+                "pooled ranking to remove layers by).")
+    rows = table.set_index("set")
+    base = rows.loc["untouched"]
+    changes = [f"{name} {r['change']:+.1f} points [{r['change_low']:+.1f}, {r['change_high']:+.1f}]"
+               for name, r in rows.drop(index="untouched").iterrows()]
+    return (f"On {int(base['n'])} evaluation-half questions the untouched model hallucinates "
+            f"{base['hallucination_rate']:.1f}% [{base['low']:.1f}, {base['high']:.1f}]; removing the layers changes "
+            f"that by: {'; '.join(changes)} (95% paired intervals). If EAVSS located the layers where hallucinations "
+            "arise, removing the top-k set would move the rate more than removing random or bottom-k layers.")

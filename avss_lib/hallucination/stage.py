@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from avss_lib.core import artifacts as art
+from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.harness import encode
 from avss_lib.core.models import load_model, model_provenance
@@ -36,7 +37,9 @@ from avss_lib.hallucination.analysis import (
     score_table,
     summary_table,
 )
-from avss_lib.hallucination.answers import answer_benchmarks, answer_summary, hallucination_labels
+from avss_lib.hallucination.answers import (GENERATIVE, answer_benchmarks, answer_summary, hallucination_labels,
+                                            shots_by_id)
+from avss_lib.hallucination.causal import answer_removed, causal_questions, causal_sets, causal_table
 from avss_lib.hallucination.eavss import EavssConfig
 from avss_lib.hallucination.example_stats import ExampleStats, StatItem, collect_example_stats
 from avss_lib.hallucination.verdict import MIN_PROBE_RHO, MIN_RHO, e1_level, e1_verdicts
@@ -73,6 +76,7 @@ class HallucinationResult:
     secondary: PositionAnalysis | None = None  # the exploratory analysis at the secondary position
     length_strata: int = 0  # answer-length bins of the permutation null at the answer position
     open_qa_shots: int = 0  # solved examples before every NQ-open / TriviaQA question
+    causal: pd.DataFrame | None = None  # the CAUSAL_CHECK table (None when it was not run)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -116,7 +120,7 @@ class HallucinationResult:
                 float(pooled_row["jaccard_with_lowest_avss"].iloc[0]) if len(pooled_row) else float("nan")),
             "hal_avss_variant": f"`{self.avss_variant}`", "hal_avss_rule": f"`{self.avss_rule}`",
             "hal_secondary": prose.secondary_sentence(self.verdicts, self.length_strata),
-            "hal_open_qa_shots": self.open_qa_shots,
+            "hal_open_qa_shots": self.open_qa_shots, "hal_causal": prose.causal_sentence(self.causal),
             **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
         }
 
@@ -228,7 +232,8 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                       seed_fraction: float, n_perm: int, n_splits: int, alpha: float, sciq_with_support: bool,
                       wikiqa_scoring: str, avss_variant: str, avss_rule: str, batch_size: int,
                       seed: int, evaluation_fraction: float = 0.5, secondary_position: str | None = None,
-                      length_strata: int = LENGTH_STRATA, open_qa_shots: int = 0) -> HallucinationResult:
+                      length_strata: int = LENGTH_STRATA, open_qa_shots: int = 0, causal_n: int | None = 0,
+                      causal_random_draws: int = 3) -> HallucinationResult:
     """Run stage 04 with chapter 04's parameters and write its artifacts to ``run_dir``.
 
     Reads notebook 02's ``SELECTIONS`` and ``AVSS_SCORES``; writes ``ANSWERS``, ``QUESTION_SPLIT``,
@@ -237,6 +242,9 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     selection half of ``QUESTION_SPLIT`` only; the evaluation half is kept for chapter 05's scores. With a
     ``secondary_position`` the analysis is repeated there as an exploratory reading (``E1_SECONDARY``); at the
     ``answer`` position the permutation null shuffles labels within ``length_strata`` answer-length bins.
+    With ``causal_n`` (questions per data set of the evaluation half; None: all, 0: skip) the causal check of
+    :mod:`avss_lib.hallucination.causal` removes the pooled top-k, bottom-k and ``causal_random_draws`` random
+    sets of k layers and asks those questions again (``CAUSAL_CHECK``).
     """
     lowest_avss = lowest_avss_for_rule(run_dir, avss_variant, avss_rule)
     config = EavssConfig(variance=variance, sparsity=sparsity, min_class=min_class)
@@ -286,6 +294,22 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
     if secondary is not None:
         verdicts += [replace(v, analysis="exploratory") for v in e1_verdicts(
             secondary.summary, alpha=alpha, min_class=min_class, site=site, position=secondary_position)]
+    causal = None
+    sets = causal_sets(pooled_ranks, k, lm.config.num_hidden_layers, draws=causal_random_draws, seed=seed)
+    if causal_n != 0 and sets:
+        start = time.perf_counter()
+        questions = causal_questions(split, datasets, causal_n, seed, data_root)
+        shots = {name: shots_by_id(load_benchmark(name, data_root=data_root), answer_settings[name].get("shots") or [])
+                 for name in datasets if name in GENERATIVE}
+        removed = answer_removed(lm, tokenizer, questions, sets, shots, label_convention=label_convention,
+                                 batch_size=batch_size, sciq_with_support=sciq_with_support,
+                                 wikiqa_scoring=wikiqa_scoring, seed=seed, progress=False)
+        asked = pd.concat([answers[(answers["dataset"] == name) & answers["id"].astype(str).isin(
+            {e.id for e in q.examples})] for name, q in questions.items()], ignore_index=True)
+        causal = causal_table(asked[["dataset", "id", "correct"]], removed, seed=seed)
+        art.CAUSAL_ANSWERS.write(removed, run_dir)
+        art.CAUSAL_CHECK.write(causal, run_dir)
+        timings["causal_check"] = time.perf_counter() - start
     art.VERDICT_04.write(to_records(verdicts), run_dir)
     art.PROVENANCE_04.write({"model": model_provenance(model), "answer_settings": answer_settings,
                              "example_stats": {name: {**c.settings, "dropped": c.dropped}
@@ -299,4 +323,4 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
         answer_summary=accuracy, measured=measured,
         analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
         excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, secondary=secondary,
-        length_strata=length_strata, open_qa_shots=open_qa_shots, timings=timings)
+        length_strata=length_strata, open_qa_shots=open_qa_shots, causal=causal, timings=timings)

@@ -23,13 +23,14 @@ from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, CO
                                      VERDICT_05, RunDir)
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.verdicts import Verdict, to_records
+from avss_lib.hallucination.answers import shots_by_id
 from avss_lib.mitigation import prose
 from avss_lib.mitigation.arms import MitigationSettings, arm_layers, plan_runs, runs_table
 from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
 from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
-                                               perplexity_benchmark, shots_by_id, split_for, to_examples)
+                                               perplexity_benchmark, split_for, to_examples)
 from avss_lib.mitigation.pooled_effects import examples_needed, primary_table
 from avss_lib.mitigation.verdict import CLAIMED, RANDOM_MARGIN, e2_primary_verdict, e2_reading, e2_verdicts
 

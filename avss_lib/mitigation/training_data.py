@@ -105,12 +105,6 @@ def _by_id(benchmark: Benchmark, ids: Sequence[str], dataset: str) -> dict[str, 
     return index
 
 
-def shots_by_id(benchmark: Benchmark, ids: Sequence[str]) -> tuple[Example, ...]:
-    """Chapter 04's few-shot examples of ``benchmark`` by id, in order, so every arm is asked as chapter 04 asked."""
-    index = _by_id(benchmark, list(ids), benchmark.name)
-    return tuple(index[i] for i in ids)
-
-
 def central_alias(aliases: Sequence[str]) -> str:
     """The alias most similar to the others (sum of word-set Jaccard after answer normalisation; ties: first).
 
