@@ -284,3 +284,27 @@ def test_overlap_table_jaccard_by_hand():
     assert table["layers"].tolist() == [[1, 2], [], [1, 2, 3], [2, 3]]
     j = table["jaccard_with_lowest_avss"].tolist()
     assert j[0] == pytest.approx(1 / 3) and math.isnan(j[1]) and j[2] == pytest.approx(2 / 3) and j[3] == 1.0
+
+
+def test_exploratory_sentences_follow_the_data():
+    from avss_lib.core.verdicts import Verdict
+
+    def verdict(outcome: str, passed: float, subject: str = "EAVSS at block_output (answer tokens)") -> Verdict:
+        return Verdict(claim="E1", subject=subject, outcome=outcome, rule="r",
+                       numbers={"n_pass_all": passed, "n_usable": 3.0}, analysis="exploratory")
+
+    assert "No secondary position" in prose.secondary_sentence(None, 4)
+    with_bins = prose.secondary_sentence(verdict("holds", 2.0), 4)
+    assert "within 4 answer-length bins" in with_bins and "2 of 3" in with_bins and "*holds*" in with_bins
+    assert "bins" not in prose.secondary_sentence(verdict("holds", 2.0), 0)
+    primary = verdict("does not hold", 0.0)
+    assert "unlike the primary *does not hold*" in prose.convention_sentence(verdict("holds", 2.0), primary)
+    assert "the same as the primary" in prose.convention_sentence(verdict("does not hold", 0.0), primary)
+    assert "cannot matter" in prose.convention_sentence(None, primary)
+    assert "did not run" in prose.causal_sentence(None)
+    table = pd.DataFrame([{"set": "untouched", "n": 20, "hallucination_rate": 40.0, "low": 20.0, "high": 60.0,
+                           "change": np.nan, "change_low": np.nan, "change_high": np.nan},
+                          {"set": "top-k EAVSS", "n": 20, "hallucination_rate": 55.0, "low": 35.0, "high": 75.0,
+                           "change": 15.0, "change_low": 5.0, "change_high": 25.0}])
+    sentence = prose.causal_sentence(table)
+    assert "On 20 evaluation-half questions" in sentence and "top-k EAVSS +15.0 points [+5.0, +25.0]" in sentence

@@ -41,7 +41,8 @@ def test_answers_and_provenance(smoke_run):
     for name, settings in provenance["answer_settings"].items():
         rows = int((answers["dataset"] == name).sum())
         assert settings["benchmark"]["n"] == rows and settings["benchmark"]["files"] and settings["benchmark"]["sha256"]
-    always = {"load_model", "answers", "example_stats", "analysis", "secondary_example_stats", "secondary_analysis"}
+    always = {"load_model", "answers", "example_stats", "analysis", "secondary_example_stats", "secondary_analysis",
+              "other_convention_analysis"}
     assert always <= set(provenance["timings_s"]) <= always | {"causal_check"}
     assert ("causal_check" in provenance["timings_s"]) == art.CAUSAL_CHECK.exists(smoke_run)
 
@@ -96,7 +97,11 @@ def test_layers_follow_the_scores_and_notebook_02(smoke_run):
 @pytest.mark.slow
 @needs_data
 def test_verdict_conditions_are_the_summary_numbers(smoke_run):
-    verdict, exploratory = stage_verdicts(smoke_run, STAGE, "E1")
+    verdict, exploratory, other_labels = stage_verdicts(smoke_run, STAGE, "E1")
+    assert other_labels.analysis == "exploratory" and other_labels.subject.endswith("alias_containment labels")
+    conventions = art.E1_CONVENTIONS.read(smoke_run)
+    assert set(conventions["convention"]) == {"exact_match", "alias_containment"}
+    assert set(conventions["dataset"]) == {"nq_open", "triviaqa"}
     params = _params()
     assert (verdict.analysis, exploratory.analysis) == ("primary", "exploratory")
     assert params["position"] in verdict.subject and params["secondary_position"] in exploratory.subject

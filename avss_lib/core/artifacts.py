@@ -209,6 +209,10 @@ CAUSAL_ANSWERS = Artifact("04_hallucination_layers", "causal_answers.parquet",
 CAUSAL_CHECK = Artifact("04_hallucination_layers", "causal_check.csv",
                         "hallucination rate with the top-k, bottom-k or k random EAVSS layers removed",
                         columns=("set", "layers", "draws", "n", "hallucination_rate", "low", "high", "change"))
+E1_CONVENTIONS = Artifact("04_hallucination_layers", "e1_conventions.parquet",
+                          "E1's inputs for the generative data sets under both label conventions",
+                          columns=("dataset", "convention", "n_hallucinated", "n_correct", "usable", "max_abs_eavss"),
+                          list_columns=("top_k",))
 EAVSS_LAYERS = Artifact("04_hallucination_layers", "eavss_layers.json",
                         "the top-k EAVSS layers per data set and pooled, and the lowest-AVSS layers")
 VERDICT_04 = verdict("04_hallucination_layers")

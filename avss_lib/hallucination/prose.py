@@ -116,17 +116,25 @@ def pooled_sentence(pooled: Sequence[int], lowest_avss: Sequence[int], jaccard: 
             f"{layer_list(overlap, empty='none')} (Jaccard {jaccard:.2f}).")
 
 
-def secondary_sentence(verdicts: Sequence[Verdict], length_strata: int) -> str:
+def secondary_sentence(verdict: Verdict | None, length_strata: int) -> str:
     """The exploratory reading at the secondary position, or that none was run."""
-    exploratory = [v for v in verdicts if v.analysis == "exploratory"]
-    if not exploratory:
+    if verdict is None:
         return "No secondary position was analysed in this run (parameter `secondary_position`)."
-    v = exploratory[0]
     control = (f"the permutation null shuffles the labels within {length_strata} answer-length bins, so "
                "length alone cannot pass it, and " if length_strata > 1 else "")
-    return (f"Exploratory, at the secondary position ({v.subject}): {control}{int(v.numbers['n_pass_all'])} of "
-            f"{int(v.numbers['n_usable'])} usable data set(s) pass all three tests (outcome *{v.outcome}* under "
-            "the same rule; not the claim's verdict).")
+    return (f"Exploratory, at the secondary position ({verdict.subject}): {control}"
+            f"{int(verdict.numbers['n_pass_all'])} of {int(verdict.numbers['n_usable'])} usable data set(s) pass "
+            f"all three tests (outcome *{verdict.outcome}* under the same rule; not the claim's verdict).")
+
+
+def convention_sentence(verdict: Verdict | None, primary: Verdict) -> str:
+    """The E1 rule with the generative data sets labelled by the other convention, beside the primary outcome."""
+    if verdict is None:
+        return "No generative data set was analysed, so the label convention cannot matter here."
+    same = "the same as" if verdict.outcome == primary.outcome else "unlike"
+    return (f"With the other label convention for NQ-open and TriviaQA ({verdict.subject}), "
+            f"{int(verdict.numbers['n_pass_all'])} of {int(verdict.numbers['n_usable'])} usable data set(s) pass "
+            f"all three tests: outcome *{verdict.outcome}*, {same} the primary *{primary.outcome}* (exploratory).")
 
 
 def causal_sentence(table: pd.DataFrame | None) -> str:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from avss_lib.core import artifacts as art
+from avss_lib.core.answer_matching import LABEL_CONVENTIONS
 from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.harness import encode
@@ -77,6 +78,9 @@ class HallucinationResult:
     length_strata: int = 0  # answer-length bins of the permutation null at the answer position
     open_qa_shots: int = 0  # solved examples before every NQ-open / TriviaQA question
     causal: pd.DataFrame | None = None  # the CAUSAL_CHECK table (None when it was not run)
+    conventions: pd.DataFrame | None = None  # the E1_CONVENTIONS table: generative data sets under both labels
+    secondary_verdict: Verdict | None = None  # exploratory: the rule at the secondary position
+    convention_verdict: Verdict | None = None  # exploratory: the rule with the other label convention
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -119,7 +123,8 @@ class HallucinationResult:
                 self.pooled, self.lowest_avss,
                 float(pooled_row["jaccard_with_lowest_avss"].iloc[0]) if len(pooled_row) else float("nan")),
             "hal_avss_variant": f"`{self.avss_variant}`", "hal_avss_rule": f"`{self.avss_rule}`",
-            "hal_secondary": prose.secondary_sentence(self.verdicts, self.length_strata),
+            "hal_secondary": prose.secondary_sentence(self.secondary_verdict, self.length_strata),
+            "hal_conventions": prose.convention_sentence(self.convention_verdict, self.verdict),
             "hal_open_qa_shots": self.open_qa_shots, "hal_causal": prose.causal_sentence(self.causal),
             **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
         }
@@ -190,17 +195,28 @@ def analyse_position(lm: Any, tokenizer: Any, answers: pd.DataFrame, split: pd.D
                               "measured": len(c.example_ids), "dropped (empty answer)": len(c.dropped)}
                              for name, c in collected.items()]).set_index("dataset")
     start = time.perf_counter()
+    analyses = analyse_collected(collected, answers, split, tokenizer, None, position=position, site=site,
+                                 config=config, k=k, seeds=seeds, seed_fraction=seed_fraction, n_perm=n_perm,
+                                 n_splits=n_splits, length_strata=length_strata, seed=seed)
+    timings["analysis"] = time.perf_counter() - start
+    return PositionAnalysis(position, collected, analyses, summary_table(analyses, alpha=alpha), measured, timings)
+
+
+def analyse_collected(collected: dict[str, ExampleStats], answers: pd.DataFrame, split: pd.DataFrame, tokenizer: Any,
+                      label_convention: str | None, *, position: str, site: str, config: EavssConfig, k: int,
+                      seeds: Sequence[int], seed_fraction: float, n_perm: int, n_splits: int, length_strata: int,
+                      seed: int) -> dict[str, DatasetAnalysis]:
+    """Analyse every collected data set with the labels of ``label_convention`` (None: the answers' ``correct``)."""
     analyses = {}
     for name, c in collected.items():
         rows = selection_rows(answers, split, name)
-        labels = hallucination_labels(rows, name).loc[c.example_ids]
+        labels = hallucination_labels(rows, name, label_convention).loc[c.example_ids]
         analyses[name] = analyse_dataset(name, c.table, labels, site, k, config=config, features=c.features,
                                          feature_ids=c.example_ids, seeds=seeds, seed_fraction=seed_fraction,
                                          n_perm=n_perm, n_splits=n_splits,
                                          answer_lengths=answer_lengths(tokenizer, rows),
                                          length_strata=length_strata if position == "answer" else 0, seed=seed)
-    timings["analysis"] = time.perf_counter() - start
-    return PositionAnalysis(position, collected, analyses, summary_table(analyses, alpha=alpha), measured, timings)
+    return analyses
 
 
 def selection_rows(answers: pd.DataFrame, split: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -291,9 +307,28 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
                             "excluded": excluded, "lowest_avss": lowest_avss, "avss_variant": avss_variant,
                             "avss_rule": avss_rule}, run_dir)
     verdicts = e1_verdicts(summary, alpha=alpha, min_class=min_class, site=site, position=position)
+    secondary_verdict = convention_verdict = None
     if secondary is not None:
-        verdicts += [replace(v, analysis="exploratory") for v in e1_verdicts(
-            secondary.summary, alpha=alpha, min_class=min_class, site=site, position=secondary_position)]
+        secondary_verdict = replace(e1_verdicts(secondary.summary, alpha=alpha, min_class=min_class, site=site,
+                                                position=secondary_position)[0], analysis="exploratory")
+        verdicts.append(secondary_verdict)
+    other = [c for c in LABEL_CONVENTIONS if c != label_convention]
+    generative = {name: c for name, c in collected.items() if name in GENERATIVE}
+    conventions = None
+    if other and generative:
+        start = time.perf_counter()
+        alternative = analyse_collected(generative, answers, split, tokenizer, other[0], position=position, site=site,
+                                        config=config, k=k, seeds=seeds, seed_fraction=seed_fraction, n_perm=n_perm,
+                                        n_splits=n_splits, length_strata=length_strata, seed=seed)
+        timings["other_convention_analysis"] = time.perf_counter() - start
+        alt_summary = summary_table(alternative, alpha=alpha)
+        conventions = pd.concat([summary.loc[list(generative)].assign(convention=label_convention),
+                                 alt_summary.assign(convention=other[0])]).reset_index()
+        art.E1_CONVENTIONS.write(conventions, run_dir)
+        mixed = pd.concat([summary.drop(index=list(generative)), alt_summary]).loc[list(summary.index)]
+        v = e1_verdicts(mixed, alpha=alpha, min_class=min_class, site=site, position=position)[0]
+        convention_verdict = replace(v, analysis="exploratory", subject=f"{v.subject}, {other[0]} labels")
+        verdicts.append(convention_verdict)
     causal = None
     sets = causal_sets(pooled_ranks, k, lm.config.num_hidden_layers, draws=causal_random_draws, seed=seed)
     if causal_n != 0 and sets:
@@ -323,4 +358,5 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
         answer_summary=accuracy, measured=measured,
         analyses=analyses, scores=scores, summary=summary, pooled=pooled, pooled_ranks=pooled_ranks,
         excluded=excluded, lowest_avss=lowest_avss, overlap=overlap, verdicts=verdicts, secondary=secondary,
-        length_strata=length_strata, open_qa_shots=open_qa_shots, causal=causal, timings=timings)
+        length_strata=length_strata, open_qa_shots=open_qa_shots, causal=causal, conventions=conventions,
+        secondary_verdict=secondary_verdict, convention_verdict=convention_verdict, timings=timings)
