@@ -4,6 +4,7 @@ paired bootstrap, the E2 rule as data, tables, figures and phrases — each agai
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import itertools
 from pathlib import Path
 
@@ -304,7 +305,8 @@ def test_arm_layers_and_plan() -> None:
     assert [r.run_id for r in planned] == [
         "base", "eavss-s0", "eavss-s1", "random-d0-s0", "random-d1-s0", "random-d2-s0", "random-d0-s1",
         "random-d1-s1", "random-d2-s1", "lowest_avss-s0", "lowest_avss-s1", "all-s0", "all-s1", "lm_only-s0",
-        "lm_only-s1"]
+        "lm_only-s1", "iti"]  # the untrained intervention runs once, whatever the seeds
+    assert planned[-1].layers == (3, 1) and layers["iti"] == layers["eavss"]
     assert [r.lambda_con for r in planned if r.arm == "lm_only"] == [0.0, 0.0]
     assert all(r.lambda_con == settings.lambda_con for r in planned if r.arm in ("eavss", "random"))
     with pytest.raises(ConfigError, match="identical to lm_only"):
@@ -334,6 +336,8 @@ def test_budget_table_counts_parameters() -> None:
     assert table.loc["eavss-s0", "trainable_params"] == 2 * PARAMS_PER_LAYER
     assert table.loc["all-s0", "trainable_params"] == N_LAYERS * PARAMS_PER_LAYER
     assert table.loc["base", "trainable_params"] == 0 and table.loc["base", "layers"] == []
+    assert table.loc["iti", "trainable_params"] == 0 and table.loc["iti", "n_layers_trained"] == 0
+    assert table.loc["iti", "layers"] == [3, 1]  # the layers it shifts, untrained
     assert table.loc["eavss-s0", "layers"] == [3, 1] and (table["model_layers"] == N_LAYERS).all()
     shown = tables.budget_table(table.reset_index())
     assert shown.loc["eavss-s0", "layers"] == "3, 1" and shown.loc["base", "layers"] == "—"
@@ -353,7 +357,9 @@ def _pipeline(arms: tuple[str, ...] = am.ARMS, seeds: tuple[int, ...] = (0,)):
     frame = td.build_training_frame(answers, split, bench, max_negatives=2)
     examples = td.to_examples(frame)
     sets = td.eval_benchmarks(split, bench, n_eval=3, seed=0)
-    settings = _settings(arms=arms, seeds=seeds)
+    unit = [1.0] + [0.0] * 15  # the tiny models' hidden size is 16
+    settings = _settings(arms=arms, seeds=seeds, iti_alpha=2.0,
+                         iti_vectors={str(layer): {"direction": unit, "sigma": 1.0} for layer in range(N_LAYERS)})
     planned = am.plan_runs(settings, am.arm_layers(settings, N_LAYERS, EAVSS, AVSS_SCORES, "block_rel"))
     return examples, sets, bench["wikitext2"], settings, planned
 
@@ -371,7 +377,7 @@ def test_every_arm_starts_from_the_same_base_weights_and_resumes(tmp_path: Path,
 
     monkeypatch.setattr(runs, "train", spy)
     result = runs.run_all(model, TOK, planned, examples, sets, ppl, settings, tmp_path, progress=False)
-    assert [layers for _, layers, _ in seen] == [r.layers for r in planned if r.arm != "base"]
+    assert [layers for _, layers, _ in seen] == [r.layers for r in planned if r.arm in am.TRAINED_ARMS]
     assert all(h == base_hash for h, _, _ in seen)
     assert _weights_hash(model) == base_hash  # restored at the end
     assert {lc for _, layers, lc in seen if layers == (3, 1)} == {0.0, settings.lambda_con}
@@ -379,12 +385,15 @@ def test_every_arm_starts_from_the_same_base_weights_and_resumes(tmp_path: Path,
     assert len(per_example) == len(planned) * sum(len(b.examples) for b in sets.values())
     assert per_example.groupby("run_id")["id"].apply(tuple).nunique() == 1  # every run on the same examples
     assert RUNS.read(tmp_path)["layers"].tolist() == [list(r.layers) for r in planned]
-    assert sorted(TRAIN_LOGS.read(tmp_path)["step"].tolist()) == sorted([1, 2] * (len(planned) - 1))
+    assert sorted(TRAIN_LOGS.read(tmp_path)["step"].tolist()) == sorted([1, 2] * (len(planned) - 2))  # not base, iti
     assert result.runs["perplexity"].gt(1).all()
     assert not any(mitigation_run_dir(tmp_path, r.run_id).joinpath(RUN_CHECKPOINT).exists() for r in planned)
     trained = result.per_example[result.per_example["arm"] == "all"].set_index(["dataset", "id"])["confidence"]
     base = result.per_example[result.per_example["arm"] == "base"].set_index(["dataset", "id"])["confidence"]
     assert not np.allclose(trained.loc[base.index], base)  # training changed the model
+    shifted = result.per_example[result.per_example["arm"] == "iti"].set_index(["dataset", "id"])["confidence"]
+    assert not np.allclose(shifted.loc[base.index], base)  # the untrained shift changed the answers' scores
+    assert result.runs.set_index("run_id").loc["iti", "trainable_params"] == 0
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -687,3 +696,11 @@ def test_upstream_options_follow_chapter_04(tmp_path: Path) -> None:
     assert layers["pooled"] == [3, 1] and scores is None and len(answers) == len(split) == 5 * 8
     with pytest.raises(DataError, match="does not exist: run stage 04_hallucination_layers"):
         load_upstream(tmp_path / "elsewhere")
+
+
+def test_the_intervention_strength_enters_only_the_intervention_runs_key() -> None:
+    _, sets, _, settings, planned = _pipeline(arms=("base", "eavss", "iti"))
+    other = replace(settings, iti_alpha=4.0)
+    keys = {r.arm: (runs.run_key(r, settings, "d"), runs.run_key(r, other, "d")) for r in planned}
+    assert keys["base"][0] == keys["base"][1] and keys["eavss"][0] == keys["eavss"][1]
+    assert keys["iti"][0] != keys["iti"][1]

@@ -213,6 +213,8 @@ E1_CONVENTIONS = Artifact("04_hallucination_layers", "e1_conventions.parquet",
                           "E1's inputs for the generative data sets under both label conventions",
                           columns=("dataset", "convention", "n_hallucinated", "n_correct", "usable", "max_abs_eavss"),
                           list_columns=("top_k",))
+STEERING_DIRECTIONS = Artifact("04_hallucination_layers", "steering_directions.json",
+                               "per layer: the selection half's correct-minus-hallucinated direction and its scale")
 EAVSS_LAYERS = Artifact("04_hallucination_layers", "eavss_layers.json",
                         "the top-k EAVSS layers per data set and pooled, and the lowest-AVSS layers")
 VERDICT_04 = verdict("04_hallucination_layers")
@@ -239,6 +241,8 @@ RUN_METRICS = Artifact("05_mitigation", "run_metrics.csv", "each run's metrics w
                        columns=("run_id", "arm", "dataset", "metric", "value", "low", "high"))
 COMPARISONS = Artifact("05_mitigation", "comparisons.csv", "EAVSS arm against the control arms",
                        columns=("dataset", "metric", "other", "diff", "low", "high", "beats", "beaten"))
+ITI_GRID = Artifact("05_mitigation", "iti_grid.csv", "the intervention strengths tried on the selection half",
+                    columns=("alpha", "accuracy", "n"))
 E2_PRIMARY = Artifact("05_mitigation", "e2_primary.csv",
                       "claim E2's primary analysis: EAVSS against the untouched and random arms, pooled, with power",
                       columns=("metric", "other", "value", "other_value", "diff", "low", "high", "rel_change", "se",

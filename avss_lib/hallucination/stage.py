@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from io import StringIO
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -41,6 +42,7 @@ from avss_lib.hallucination.analysis import (
 from avss_lib.hallucination.answers import (GENERATIVE, answer_benchmarks, answer_summary, hallucination_labels,
                                             shots_by_id)
 from avss_lib.hallucination.causal import answer_removed, causal_questions, causal_sets, causal_table
+from avss_lib.hallucination.directions import steering_vectors
 from avss_lib.hallucination.eavss import EavssConfig
 from avss_lib.hallucination.example_stats import ExampleStats, StatItem, collect_example_stats
 from avss_lib.hallucination.verdict import MIN_PROBE_RHO, MIN_RHO, e1_level, e1_verdicts
@@ -219,6 +221,17 @@ def analyse_collected(collected: dict[str, ExampleStats], answers: pd.DataFrame,
     return analyses
 
 
+def pooled_directions(collected: Mapping[str, ExampleStats], answers: pd.DataFrame, split: pd.DataFrame
+                      ) -> dict[str, dict[str, Any]]:
+    """Every layer's steering direction (:mod:`avss_lib.hallucination.directions`) from the block-output features
+    of the selection half, pooled over the data sets (chapter 05's inference-time intervention)."""
+    layers = sorted(next(iter(collected.values())).features)
+    features = {layer: np.concatenate([c.features[layer] for c in collected.values()]) for layer in layers}
+    hallucinated = np.concatenate([hallucination_labels(selection_rows(answers, split, name), name)
+                                   .loc[c.example_ids].to_numpy(dtype=bool) for name, c in collected.items()])
+    return steering_vectors(features, hallucinated)
+
+
 def selection_rows(answers: pd.DataFrame, split: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """The answers of ``dataset``'s selection half: the only labels that choose layers (the evaluation half's
     labels never reach this stage's statistics, probes or rankings)."""
@@ -312,6 +325,7 @@ def run_hallucination(run_dir: art.RunDir, *, model: str, device: str, dtype: st
         secondary_verdict = replace(e1_verdicts(secondary.summary, alpha=alpha, min_class=min_class, site=site,
                                                 position=secondary_position)[0], analysis="exploratory")
         verdicts.append(secondary_verdict)
+    art.STEERING_DIRECTIONS.write(pooled_directions(collected, answers, split), run_dir)
     other = [c for c in LABEL_CONVENTIONS if c != label_convention]
     generative = {name: c for name, c in collected.items() if name in GENERATIVE}
     conventions = None

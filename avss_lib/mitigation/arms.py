@@ -11,11 +11,15 @@ All trained arms share the training examples, steps, learning rate, batch size a
 ``lowest_avss`` the ``k`` lowest-AVSS layers of chapter 02 (rank 1 = lowest), one variant
 ``all``        every decoder layer (more trainable parameters: reported, not matched)
 ``lm_only``    the ``eavss`` layers with the LM term only (``lambda_con = 0``)
+``iti``        the ``eavss`` layers, not trained: shifted at inference along chapter 04's directions
+               (:mod:`avss_lib.mitigation.intervention`, strength tuned on the selection half)
 ============== ===============================================================================
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +36,13 @@ from avss_lib.mitigation.training import TrainConfig, count_trainable
 from avss_lib.ranking.avss import lowest_avss_layers
 
 #: The arms, in the order tables show them.
-ARMS: tuple[str, ...] = ("base", "eavss", "random", "lowest_avss", "all", "lm_only")
-TRAINED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a != "base")
+ARMS: tuple[str, ...] = ("base", "eavss", "random", "lowest_avss", "all", "lm_only", "iti")
+UNTRAINED_ARMS: tuple[str, ...] = ("base", "iti")
+TRAINED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a not in UNTRAINED_ARMS)
 ARM_LABELS: dict[str, str] = {"base": "untouched", "eavss": "top-k EAVSS", "random": "k random",
                               "lowest_avss": "k lowest AVSS", "all": "all layers",
-                              "lm_only": "LM term only (EAVSS layers)"}
+                              "lm_only": "LM term only (EAVSS layers)",
+                              "iti": "ITI-style shift (EAVSS layers, untrained)"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class MitigationSettings:
     ppl_max_length: int = 512
     eval_dtype: str | None = None  # evaluate a copy in this dtype (e.g. "bfloat16"); None: the training dtype
     open_qa_shots: Mapping[str, tuple[Example, ...]] = field(default_factory=dict)  # chapter 04's few-shot examples
+    iti_vectors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # chapter 04's steering directions
+    iti_alpha: float = 0.0  # the strength tuned on the selection half
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`ConfigError` naming the fix for any value the study cannot use."""
@@ -110,6 +118,11 @@ class MitigationSettings:
                 "wikiqa_scoring": self.wikiqa_scoring, "label_convention": self.label_convention,
                 "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length, "eval_dtype": self.eval_dtype,
                 "shots": {name: [e.id for e in shots] for name, shots in self.open_qa_shots.items() if shots}}
+
+    def iti_key(self) -> dict[str, Any]:
+        """What the intervention arm's results depend on beyond :meth:`eval_key` (part of its resume key only)."""
+        return {"alpha": self.iti_alpha,
+                "vectors": hashlib.sha256(json.dumps(self.iti_vectors, sort_keys=True).encode()).hexdigest()}
 
 
 def _check_k(k: int, n_layers: int) -> None:
@@ -159,7 +172,7 @@ def arm_layers(settings: MitigationSettings, n_layers: int, eavss_layers: Mappin
     for arm in settings.arms:
         if arm == "base":
             out[arm] = [()]
-        elif arm in ("eavss", "lm_only"):
+        elif arm in ("eavss", "lm_only", "iti"):
             if eavss_layers is None:
                 raise DataError(f"arm {arm!r} needs chapter 04's EAVSS layers")
             out[arm] = [tuple(eavss_top_k(eavss_layers, k, n_layers, eavss_source))]
@@ -193,6 +206,9 @@ def plan_runs(settings: MitigationSettings, layers: Mapping[str, list[tuple[int,
         if arm == "base":
             runs.append(ArmRun("base", "base", (), None, None, settings.lambda_con))
             continue
+        if arm == "iti":  # untrained: one run, whatever the seeds
+            runs.append(ArmRun("iti", "iti", tuple(layers[arm][0]), None, None, 0.0))
+            continue
         lambda_con = 0.0 if arm == "lm_only" else settings.lambda_con
         if arm != "lm_only" and lambda_con == 0:
             raise ConfigError(f"lambda_con=0 leaves arm {arm!r} identical to lm_only: use lambda_con > 0")
@@ -210,8 +226,8 @@ def runs_table(runs: Sequence[ArmRun], model: nn.Module) -> pd.DataFrame:
     rows = []
     for r in runs:
         rows.append({"run_id": r.run_id, "arm": r.arm, "seed": r.seed, "draw": r.draw,
-                     "layers": list(r.layers), "n_layers_trained": len(r.layers),
-                     "trainable_params": count_trainable(model, r.layers) if r.layers else 0,
-                     "lambda_con": r.lambda_con if r.layers else float("nan"),
+                     "layers": list(r.layers), "n_layers_trained": len(r.layers) if r.arm in TRAINED_ARMS else 0,
+                     "trainable_params": count_trainable(model, r.layers) if r.arm in TRAINED_ARMS else 0,
+                     "lambda_con": r.lambda_con if r.arm in TRAINED_ARMS else float("nan"),
                      "model_layers": n_layers})
     return pd.DataFrame(rows)

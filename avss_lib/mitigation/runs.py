@@ -16,6 +16,7 @@ alias-containment label is kept as a second convention.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -39,8 +40,9 @@ from avss_lib.core.io import read_json, read_table, write_json, write_table
 from avss_lib.core.models import DTYPES
 from avss_lib.core.tasks import evaluate_task
 from avss_lib.hallucination.answers import answer_benchmark
-from avss_lib.mitigation.arms import ArmRun, MitigationSettings
+from avss_lib.mitigation.arms import TRAINED_ARMS, ArmRun, MitigationSettings
 from avss_lib.mitigation.contrastive_loss import ContrastiveExample
+from avss_lib.mitigation.intervention import steer
 from avss_lib.mitigation.training import count_trainable, train
 from avss_lib.mitigation.training_data import OPEN_QA
 
@@ -78,8 +80,10 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_se
 
 def run_key(run: ArmRun, settings: MitigationSettings, data_key: str) -> dict[str, Any]:
     """Everything a run's results depend on: a finished run with another key is recomputed."""
-    config = asdict(settings.train_config(run.layers or (0,), run.seed or 0, run.lambda_con)) if run.layers else None
-    return json.loads(json.dumps({"run": asdict(run), "train": config, "eval": settings.eval_key(), "data": data_key}))
+    config = (asdict(settings.train_config(run.layers, run.seed or 0, run.lambda_con)) if run.arm in TRAINED_ARMS
+              else None)
+    evaluation = {**settings.eval_key(), **({"iti": settings.iti_key()} if run.arm == "iti" else {})}
+    return json.loads(json.dumps({"run": asdict(run), "train": config, "eval": evaluation, "data": data_key}))
 
 
 def data_fingerprint(examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark]) -> str:
@@ -121,21 +125,24 @@ def run_arm(run: ArmRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, b
     write_json(key, key_file)
     model.load_state_dict(base_state)
     train_seconds, log, resumed = 0.0, pd.DataFrame(), 0
-    if run.layers:
+    if run.arm in TRAINED_ARMS:
         start = time.perf_counter()
         config = settings.train_config(run.layers, run.seed or 0, run.lambda_con)
         trained = train(model, tokenizer, examples, config, dataset="+".join(eval_sets), checkpoint_dir=ckpt,
                         progress=progress)
         train_seconds, log, resumed = time.perf_counter() - start, trained.log, trained.resumed_from_step
     start = time.perf_counter()
-    per_example, perplexity = evaluate_model(model, tokenizer, eval_sets, ppl, settings, seed=run.seed or 0)
+    steering = (steer(model, settings.iti_vectors, run.layers, settings.iti_alpha) if run.arm == "iti"
+                else contextlib.nullcontext())
+    with steering:
+        per_example, perplexity = evaluate_model(model, tokenizer, eval_sets, ppl, settings, seed=run.seed or 0)
     eval_seconds = time.perf_counter() - start
     per_example.insert(0, "run_id", run.run_id)
     per_example.insert(1, "arm", run.arm)
     log = log.assign(run_id=run.run_id, arm=run.arm) if not log.empty else pd.DataFrame(columns=LOG_COLUMNS)
     result = {"key": key, "perplexity": perplexity, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
               "resumed_from_step": resumed,
-              "trainable_params": count_trainable(model, run.layers) if run.layers else 0}
+              "trainable_params": count_trainable(model, run.layers) if run.arm in TRAINED_ARMS else 0}
     write_table(per_example, folder / RUN_PER_EXAMPLE)
     write_table(log, folder / RUN_TRAIN_LOG)
     write_json(result, done)  # last: marks the run finished
@@ -189,7 +196,7 @@ def collect(outputs: Sequence[RunOutput]) -> MitigationRuns:
         p = o.result["perplexity"]
         rows.append({"run_id": o.run.run_id, "arm": o.run.arm, "seed": o.run.seed, "draw": o.run.draw,
                      "layers": list(o.run.layers), "trainable_params": o.result["trainable_params"],
-                     "lambda_con": o.run.lambda_con if o.run.layers else float("nan"),
+                     "lambda_con": o.run.lambda_con if o.run.arm in TRAINED_ARMS else float("nan"),
                      "perplexity": p["value"], "perplexity_low": p["low"], "perplexity_high": p["high"],
                      "train_seconds": o.result["train_seconds"], "eval_seconds": o.result["eval_seconds"],
                      "reused": o.reused})

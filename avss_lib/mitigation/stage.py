@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 import torch
 
 from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, COMPARISONS, E2_PRIMARY,
-                                     EAVSS_LAYERS, PROVENANCE_04, PROVENANCE_05, QUESTION_SPLIT, RUN_METRICS, TRAIN_EXAMPLES,
-                                     VERDICT_05, RunDir)
+                                     EAVSS_LAYERS, ITI_GRID, PROVENANCE_04, PROVENANCE_05, QUESTION_SPLIT,
+                                     RUN_METRICS, STEERING_DIRECTIONS, TRAIN_EXAMPLES, VERDICT_05, RunDir)
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.verdicts import Verdict, to_records
 from avss_lib.hallucination.answers import shots_by_id
@@ -29,8 +29,9 @@ from avss_lib.mitigation.arms import MitigationSettings, arm_layers, plan_runs, 
 from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
 from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
+from avss_lib.mitigation.intervention import tune_strength
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
-                                               perplexity_benchmark, split_for, to_examples)
+                                               perplexity_benchmark, selection_questions, split_for, to_examples)
 from avss_lib.mitigation.pooled_effects import examples_needed, primary_table
 from avss_lib.mitigation.verdict import CLAIMED, RANDOM_MARGIN, e2_primary_verdict, e2_reading, e2_verdicts
 
@@ -74,6 +75,7 @@ class MitigationResult:
     run_metrics: pd.DataFrame  # RUN_METRICS
     comparisons: pd.DataFrame  # COMPARISONS (exploratory, per data set)
     primary: pd.DataFrame  # E2_PRIMARY
+    iti_grid: pd.DataFrame | None  # ITI_GRID: the strengths tried on the selection half (None without the arm)
     verdicts: list[Verdict]  # VERDICT_05: the primary verdict, then the exploratory one
     seconds: float  # wall time of the runs
     seed: int
@@ -129,7 +131,8 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
                    train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
                    eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
                    ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5,
-                   random_margin: float = RANDOM_MARGIN, power: float = 0.8, seed: int = 0,
+                   random_margin: float = RANDOM_MARGIN, power: float = 0.8, iti_tune_n: int | None = 24,
+                   seed: int = 0,
                    progress: bool = True) -> MitigationResult:
     """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
     started = time.perf_counter()
@@ -156,6 +159,16 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     layer_sets = arm_layers(settings, lm.config.num_hidden_layers, eavss_layers, avss_scores, avss_variant,
                             eavss_source, layer_seed=seed)
+    iti_grid = None
+    if "iti" in settings.arms:
+        vectors = STEERING_DIRECTIONS.read(run_dir)
+        tuning = selection_questions(split, benchmarks, n=iti_tune_n, seed=seed)
+        alpha, iti_grid = tune_strength(lm, tokenizer, tuning, vectors, layer_sets["iti"][0],
+                                        shots=settings.open_qa_shots, label_convention=settings.label_convention,
+                                        batch_size=eval_batch_size, sciq_with_support=settings.sciq_with_support,
+                                        wikiqa_scoring=settings.wikiqa_scoring, seed=seed)
+        ITI_GRID.write(iti_grid, run_dir)
+        settings = replace(settings, iti_vectors=vectors, iti_alpha=alpha)
     runs = plan_runs(settings, layer_sets)
     budget = runs_table(runs, lm)
     ARMS.write(budget, run_dir)
@@ -188,6 +201,6 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
         "timings_s": {"runs": seconds, "stage": time.perf_counter() - started}}, run_dir)
     return MitigationResult(settings=settings, split=split, train_frame=train_frame,
                             data_table=data_summary(train_frame, split, eval_sets), arms=budget, runs=results,
-                            table=table, run_metrics=run_metrics, comparisons=comp, primary=primary,
+                            table=table, run_metrics=run_metrics, comparisons=comp, primary=primary, iti_grid=iti_grid,
                             verdicts=verdicts, seconds=seconds, seed=seed, min_effect=min_effect,
                             margin=random_margin, layer_sets=layer_sets)

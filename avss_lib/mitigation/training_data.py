@@ -199,6 +199,19 @@ def eval_benchmarks(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *,
     return out
 
 
+def selection_questions(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *, n: int | None = None,
+                        seed: int = 0) -> dict[str, Benchmark]:
+    """At most ``n`` questions of each data set's selection half (seeded): what tunes the intervention's strength."""
+    out = {}
+    for name in split["dataset"].unique():
+        ids = split[(split["dataset"] == name) & (split["split"] == SELECTION)]["id"].tolist()
+        index = _by_id(benchmarks[name], ids, name)
+        examples = [index[i] for i in ids if name != "wikiqa" or index[i].correct_choices]
+        examples = subsample(examples, n if n is not None and len(examples) > n else None, seed)
+        out[name] = Benchmark(name=name, examples=examples, provenance={**benchmarks[name].provenance, "tune_n": n})
+    return out
+
+
 def perplexity_benchmark(data_root: str | None, n_chars: int | None) -> Benchmark | None:
     """The first ``n_chars`` characters of the WikiText-2 test split as a one-example benchmark.
 
