@@ -18,6 +18,7 @@ The benchmark tasks built on them are in :mod:`avss_lib.core.tasks`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,15 +159,26 @@ def _window(context: list[int], continuation: list[int], max_length: int) -> tup
     return (context + continuation)[-(max_length + 1):][:-1], continuation
 
 
+def logits_from(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int
+                ) -> tuple[torch.Tensor, int]:
+    """The model's logits from position ``first`` on, and that offset: the language-model head is applied only
+    where scores are read (Hugging Face's ``logits_to_keep``), the rest of the forward is unchanged."""
+    keep = input_ids.shape[1] - first
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits, 0
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits, first
+
+
 @torch.inference_mode()
 def _score_batch(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[LoglikResult]:
     """Score one right-padded batch of (input ids, continuation ids)."""
     input_ids, attention_mask = pad_batch([inp for inp, _ in batch], pad_id, left=False)
     device = model_device(model)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    first = min(len(inp) - len(cont) for inp, cont in batch)
+    logits, offset = logits_from(model, input_ids.to(device), attention_mask.to(device), first)
     results = []
     for b, (inp, cont) in enumerate(batch):
-        logp = F.log_softmax(logits[b, len(inp) - len(cont): len(inp)].float(), dim=-1)
+        logp = F.log_softmax(logits[b, len(inp) - len(cont) - offset: len(inp) - offset].float(), dim=-1)
         target = torch.tensor(cont, device=device)
         token_logp = logp.gather(-1, target[:, None]).squeeze(-1)
         greedy = bool((logp.argmax(-1) == target).all())

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import default_add_bos, encode_pair, pad_id
+from avss_lib.core.harness import default_add_bos, encode_pair, logits_from, pad_id
 
 LossKind = Literal["infonce", "margin"]
 LOSS_KINDS: tuple[str, ...] = ("infonce", "margin")
@@ -167,13 +167,13 @@ def _pad_rows(rows: list[tuple[list[int], int]], pad: int) -> PairBatch:
 def answer_logprobs(model: nn.Module, batch: PairBatch) -> AnswerLogprobs:
     """Sum of answer-token log-probabilities and answer length per row, in float32, differentiable."""
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-    ).logits
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = batch.input_ids[:, 1:].to(device)
+    # the head only from the first position that predicts an answer token (the one before it) on
+    first = max(int(batch.answer_mask.float().argmax(dim=1).min()) - 1, 0)
+    logits, offset = logits_from(model, batch.input_ids.to(device), batch.attention_mask.to(device), first)
+    logp = F.log_softmax(logits[:, : logits.shape[1] - 1].float(), dim=-1)  # positions offset .. L-2
+    targets = batch.input_ids[:, offset + 1:].to(device)
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = batch.answer_mask[:, 1:].to(device)
+    mask = batch.answer_mask[:, offset + 1:].to(device)
     sums = torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=1)
     return AnswerLogprobs(sums=sums, counts=mask.sum(dim=1).to(sums.dtype))
 
