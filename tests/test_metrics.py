@@ -132,6 +132,10 @@ def test_proportion_ci_is_wilsons_interval_by_hand() -> None:
     value, low, high = proportion_ci([False] * 10)
     assert value == low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # not the zero-width [0, 0]
     assert proportion_ci([True] * 10)[1] == pytest.approx(1 - 0.2775, abs=1e-4)
+    for n in (37, 100, 200):  # statsmodels' bound at 0 or n is off by a rounding error for some n: kept contained
+        for x in ([0] * n, [1] * n):
+            value, low, high = proportion_ci(x)
+            assert low <= value <= high and high - low > 0.01
     with pytest.raises(ConfigError, match="0/1"):
         proportion_ci([0.5, 1.0])
     with pytest.raises(ConfigError, match="confidence_level"):

@@ -635,8 +635,13 @@ def test_figures_plot_the_tables_data() -> None:
     pe = _per_example({"base": [[1, 0, 0, 0]], "eavss": [[1, 1, 1, 0]]})
     table = oc.arm_table(pe, n_resamples=50)
     fig = figures.scores_figure(table)
-    points = [c.lines[0].get_ydata().tolist() for c in fig.axes[0].containers]
+    points = [line.get_ydata().tolist() for line in fig.axes[0].lines]
     assert points == [[25.0], [75.0]]  # accuracy of base and eavss
+    bars = [c.get_segments()[0][:, 1].tolist() for c in fig.axes[0].collections]
+    acc = table[table["metric"] == "accuracy"].set_index("arm")
+    assert bars == [[acc.loc[a, "low"], acc.loc[a, "high"]] for a in ("base", "eavss")]
+    shifted = table.assign(low=np.where(table["metric"] == "ece", table["value"] + 1.0, table["low"]))
+    figures.scores_figure(shifted)  # an interval beside its estimate is drawn, not an error
     fig = figures.reliability_figure(pe)
     bins = reliability_bins(np.full(4, 0.6), [1, 1, 1, 0])
     eavss_line = fig.axes[0].lines[2]  # the diagonal, then base, then eavss

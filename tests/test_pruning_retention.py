@@ -245,3 +245,24 @@ def test_held_out_best_needs_two_examples_to_split_a_task():
     with pytest.raises(DataError, match="two examples"):
         tables.held_out_best(plan, summary, one, 0.25, ["sst2"], chance={"sst2": 0.5}, column="retention",
                              n_resamples=10)
+
+
+def test_score_forest_draws_intervals_that_exclude_their_estimate() -> None:
+    """A percentile interval can lie beside its estimate, and a Wilson bound at 0 a rounding error above it: the
+    figure draws the bounds as given instead of failing on a negative error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from avss_lib.pruning import figures
+
+    nan = float("nan")
+    rows = [{"task_key": "sciq", "method": "unpruned", "metric": "acc", "value": 0.0, "low": 3.5e-18, "high": 0.04,
+             "n_seeds": nan, "min": nan, "max": nan},
+            {"task_key": "sciq", "method": "avss:block_rel", "metric": "acc", "value": 0.30, "low": 0.31, "high": 0.4,
+             "n_seeds": nan, "min": nan, "max": nan},
+            {"task_key": "sciq", "method": "random", "metric": "acc", "value": 0.2, "low": nan, "high": nan,
+             "n_seeds": 2.0, "min": 0.1, "max": 0.3}]
+    fig = figures.score_forest(pd.DataFrame(rows))
+    segments = [c for c in fig.axes[0].collections if c.get_segments()]
+    assert sorted(tuple(np.round(seg[0][:, 0], 3)) for c in segments for seg in [c.get_segments()]) == \
+        [(0.1, 0.3), (0.31, 0.4)]

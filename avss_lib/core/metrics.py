@@ -65,7 +65,8 @@ def proportion_ci(successes: ArrayLike, *, confidence_level: float = 0.95) -> CI
         raise ConfigError(f"confidence_level={confidence_level} must lie in (0, 1)")
     k, n = int(x.sum()), len(x)
     low, high = proportion_confint(k, n, alpha=1 - confidence_level, method="wilson")
-    return k / n, float(low), float(high)
+    # at k = 0 or n statsmodels' bound lands a rounding error (~1e-18) beyond the estimate: keep it contained
+    return k / n, min(float(low), k / n), max(float(high), k / n)
 
 
 def bootstrap_statistic_ci(

@@ -53,12 +53,14 @@ def score_forest(retention: pd.DataFrame) -> Figure:
             if m not in d.index:
                 continue
             r = d.loc[m]
+            # the interval as drawn from its bounds (a percentile interval need not contain the estimate)
             if r["n_seeds"] == r["n_seeds"]:  # random: mean and range over seeds
-                ax.errorbar(r["value"], y, xerr=[[r["value"] - r["min"]], [r["max"] - r["value"]]], fmt="s",
-                            color="tab:red", ms=4, capsize=2)
+                ax.hlines(y, r["min"], r["max"], color="tab:red", lw=1)
+                ax.plot(r["value"], y, "s", color="tab:red", ms=4)
             else:
-                ax.errorbar(r["value"], y, xerr=[[r["value"] - r["low"]], [r["high"] - r["value"]]],
-                            fmt="o", ms=4, capsize=2, color="tab:blue" if method_family(m) == "avss" else "tab:gray")
+                colour = "tab:blue" if method_family(m) == "avss" else "tab:gray"
+                ax.hlines(y, r["low"], r["high"], color=colour, lw=1)
+                ax.plot(r["value"], y, "o", color=colour, ms=4)
         ax.axvline(base["value"], color="black", ls="--", lw=1)
         ax.axvspan(base["low"], base["high"], color="black", alpha=0.08)
         metric = base["metric"]
