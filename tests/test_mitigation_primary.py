@@ -49,11 +49,22 @@ def test_primary_table_intervals_contain_the_pooled_difference_and_the_mde_scale
     assert row["diff"] == pytest.approx(100 * 3 / 6)
     assert row["rel_change"] == pytest.approx(150.0)
     assert row["low"] <= row["diff"] <= row["high"] and row["se"] > 0
-    assert row["mde"] == pytest.approx((2.241403 + 0.841621) * row["se"], rel=1e-5)  # z_0.9875 + z_0.8
+    assert row["mde"] == pytest.approx((2.241403 + 0.841621) * row["se_plan"], rel=1e-5)  # z_0.9875 + z_0.8
+    assert row["se_plan"] > 0
     assert examples_needed(row, row["mde"] / 2) == 4 * row["n"]
     assert set(table.index) == {("accuracy", "base"), ("accuracy", "random"), ("ece", "base"), ("ece", "random")}
     ece = flat[(flat["metric"] == "ece") & (flat["other"] == "base")].iloc[0]
     assert improvement(ece) == (-ece["diff"], -ece["high"], -ece["low"])  # lower ECE is better
+
+
+def test_the_mde_does_not_collapse_when_two_arms_answer_alike() -> None:
+    """Identical arms give a paired SE of 0; the planning SE still reflects the examples' spread."""
+    per_example = _per_example()
+    same = per_example[per_example["arm"] != "eavss"]
+    clone = same[same["arm"] == "base"].assign(arm="eavss", run_id="eavss")
+    table = primary_table(pd.concat([same, clone], ignore_index=True), others=("base",), n_resamples=300, seed=2)
+    acc = table[table["metric"] == "accuracy"].iloc[0]
+    assert acc["diff"] == 0 and acc["se"] == 0 and acc["mde"] > 10
 
 
 def _table(acc: tuple[float, float, float], acc_rel: tuple[float, float, float],

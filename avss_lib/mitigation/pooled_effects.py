@@ -12,9 +12,11 @@ replacement (the same run draw in every data set, since a run is one model). A d
 is read off the same resamples, so the interval of a relative change accounts for the uncertainty of its base.
 
 **Power.** The minimum detectable effect of a difference at two-sided level :math:`\alpha` and power
-:math:`1-\beta` is :math:`(z_{1-\alpha/2} + z_{1-\beta})\,\mathrm{SE}`, with SE the bootstrap standard deviation
-of the difference; the examples that would bring it down to an effect :math:`c` scale as
-:math:`n\,(\mathrm{MDE}/c)^2`.
+:math:`1-\beta` is :math:`(z_{1-\alpha/2} + z_{1-\beta})\,\mathrm{SE}_\text{plan}`, with the planning standard error
+:math:`\mathrm{SE}_\text{plan} = \sqrt{\mathrm{sd}_a^2 + \mathrm{sd}_b^2}` from each arm's own bootstrap spread: it
+ignores the correlation that pairing buys, so it is conservative, and unlike the observed paired SE (``se``) it does
+not collapse to 0 when two arms happen to answer alike. The examples that would bring the MDE down to an effect
+:math:`c` scale as :math:`n\,(\mathrm{MDE}/c)^2`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ PRIMARY_METRICS: tuple[str, ...] = ("accuracy", "ece")
 #: Columns of :func:`primary_table` (the ``E2_PRIMARY`` artifact).
 PRIMARY_COLUMNS: tuple[str, ...] = (
     "metric", "other", "value", "value_low", "value_high", "other_value", "other_low", "other_high", "diff", "low",
-    "high", "rel_change", "rel_low", "rel_high", "se", "mde", "mde_rel", "level", "power", "n", "n_datasets",
+    "high", "rel_change", "rel_low", "rel_high", "se", "se_plan", "mde", "mde_rel", "level", "power", "n", "n_datasets",
     "runs", "other_runs")
 
 
@@ -91,8 +93,9 @@ def primary_table(per_example: pd.DataFrame, *, target: str = "eavss", others: S
     """``target − other`` pooled over the data sets, per metric and other arm present (:data:`PRIMARY_COLUMNS`).
 
     Values are in points (%); ``rel_change`` is ``(target − other) / other`` in %, its interval from the same
-    resamples; ``se`` is the bootstrap standard deviation of the difference and ``mde`` (``mde_rel`` in % of the
-    other arm's value) the smallest difference the run detects at ``level`` with ``power``.
+    resamples; ``se`` is the bootstrap standard deviation of the difference, ``se_plan`` the planning SE of the
+    module docstring and ``mde`` (``mde_rel`` in % of the other arm's value) the smallest difference the run detects
+    at ``level`` with ``power``.
     """
     present = [o for o in others if o in set(per_example["arm"])]
     rows = []
@@ -106,13 +109,14 @@ def primary_table(per_example: pd.DataFrame, *, target: str = "eavss", others: S
                 rel, rel_low, rel_high = percentile_interval(100 * (va - vb) / vb if vb else np.nan,
                                                              100 * (a - b) / b, level)
             se = float(np.std(a - b, ddof=1))
-            mde = minimum_detectable_effect(se, level=level, power=power)
+            se_plan = float(np.hypot(np.std(a, ddof=1), np.std(b, ddof=1)))
+            mde = minimum_detectable_effect(se_plan, level=level, power=power)
             rows.append({"metric": metric, "other": other, "value": va,
                          **dict(zip(("value_low", "value_high"), percentile_interval(va, a, level)[1:])),
                          "other_value": vb,
                          **dict(zip(("other_low", "other_high"), percentile_interval(vb, b, level)[1:])),
                          "diff": diff, "low": low, "high": high, "rel_change": rel, "rel_low": rel_low,
-                         "rel_high": rel_high, "se": se, "mde": mde, "mde_rel": 100 * mde / vb if vb else np.nan,
+                         "rel_high": rel_high, "se": se, "se_plan": se_plan, "mde": mde, "mde_rel": 100 * mde / vb if vb else np.nan,
                          "level": level, "power": power, "n": pooled.n_examples, "n_datasets": pooled.n_datasets,
                          "runs": pooled.n_runs[target], "other_runs": pooled.n_runs[other]})
     return pd.DataFrame(rows, columns=list(PRIMARY_COLUMNS))

@@ -95,8 +95,8 @@ class MitigationResult:
     def power_table(self) -> pd.DataFrame:
         """The primary analysis' power: per metric and comparison, SE, minimum detectable effect and the pooled
         evaluation examples that would bring it down to the paper's magnitude (points reading)."""
-        table = self.primary[["metric", "other", "n", "runs", "other_runs", "se", "mde", "mde_rel", "level",
-                              "power"]].copy()
+        table = self.primary[["metric", "other", "n", "runs", "other_runs", "se", "se_plan", "mde", "mde_rel",
+                              "level", "power"]].copy()
         table["claim (points)"] = table["metric"].map(CLAIMED)
         table["n for MDE = claim"] = [examples_needed(r, CLAIMED[r["metric"]]) for _, r in self.primary.iterrows()]
         return table.set_index(["metric", "other"])
