@@ -177,3 +177,12 @@ def test_checkpoints_resume_only_the_same_run(tmp_path, monkeypatch):
     (out / "checkpoint.bin").write_text("of value 2")
     pipeline.run_notebook("99_toy", params(2), run, force=True)
     assert not (out / "checkpoint.bin").exists()
+    # a self-keyed folder (its files name what they depend on) survives a change of parameters or code, not --force
+    monkeypatch.setitem(pipeline.SELF_KEYED, "99_toy", ("_keyed",))
+    (out / "_keyed").mkdir()
+    (out / "_keyed" / "set-abc123.pkl").write_text("keyed")
+    (out / "checkpoint.bin").write_text("of value 2")
+    assert pipeline.run_notebook("99_toy", params(3), run).status == "ran"
+    assert (out / "_keyed" / "set-abc123.pkl").is_file() and not (out / "checkpoint.bin").exists()
+    pipeline.run_notebook("99_toy", params(3), run, force=True)
+    assert not (out / "_keyed").exists()

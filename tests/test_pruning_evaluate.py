@@ -80,6 +80,15 @@ def test_evaluate_sets_resumes_from_checkpoints(tok, llama, tmp_path, monkeypatc
     assert again.seconds[BASE_SET] == first.seconds[BASE_SET]  # loaded, with the time it took
     evaluate.evaluate_sets(llama, tok, sets, needs, tasks, batch_size=3, checkpoint_dir=tmp_path)
     assert len(calls) == 3  # another batch size is another computation: nothing reused
+    monkeypatch.setattr(evaluate, "scoring_code_digest", lambda: "other scoring code")
+    evaluate.evaluate_sets(llama, tok, sets, needs, tasks, batch_size=2, checkpoint_dir=tmp_path)
+    assert len(calls) == 5  # scored by other code: nothing reused
+
+
+def test_the_scoring_code_digest_covers_existing_modules() -> None:
+    root = Path(evaluate.__file__).resolve().parents[1]
+    assert all((root / name).is_file() for name in evaluate.SCORING_MODULES)
+    assert evaluate.scoring_code_digest() == evaluate.scoring_code_digest() and len(evaluate.scoring_code_digest()) == 64
 
 
 def test_precision_check_compares_with_float32(tok, llama):

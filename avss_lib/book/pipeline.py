@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from avss_lib.core.artifacts import done_record, started_record
+from avss_lib.core.artifacts import SELF_KEYED, done_record, started_record
 from avss_lib.core.errors import AvssError, ConfigError
 from avss_lib.book.claims import claims_markdown
 from avss_lib.core.io import atomic_path, read_json, write_json
@@ -211,13 +211,22 @@ def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
     return h.hexdigest()
 
 
+def clear_stage(out_dir: Path, keep: Sequence[str] = ()) -> None:
+    """Remove a stage's files before a run of other parameters or code, except the self-keyed folders ``keep``."""
+    for entry in out_dir.iterdir():
+        if entry.name in keep and entry.is_dir():
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force: bool = False) -> NotebookRun:
     """Execute one notebook with papermill unless an identical finished run exists.
 
     A notebook may leave checkpoints in its folder so that an interrupted run resumes (``_started.json``
     holds the fingerprint of the run that wrote them). Before a run, the folder is emptied unless it was
     started with the same fingerprint and ``force`` is not set: results of other parameters, code or inputs
-    are never resumed.
+    are never resumed — except the self-keyed folders of :data:`avss_lib.core.artifacts.SELF_KEYED`, whose files
+    carry a hash of exactly what they depend on (kept unless ``force``).
     """
     out_dir = run_dir / notebook
     executed = run_dir / "executed" / f"{notebook}.ipynb"
@@ -229,7 +238,7 @@ def run_notebook(notebook: str, params: dict[str, Any], run_dir: Path, *, force:
             return NotebookRun(notebook, "reused", 0.0)
     resumable = not force and started_file.is_file() and read_json(started_file).get("fingerprint") == fingerprint
     if out_dir.exists() and not resumable:
-        shutil.rmtree(out_dir)
+        clear_stage(out_dir, keep=() if force else SELF_KEYED.get(notebook, ()))
     out_dir.mkdir(parents=True, exist_ok=True)
     done_file.unlink(missing_ok=True)
     write_json({"fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, started_file)

@@ -179,6 +179,11 @@ def pruning_checkpoint_dir(run_dir: RunDir) -> Path:
     """The folder of stage 03's per-set evaluation checkpoints (one file per evaluated layer set, resumable)."""
     return stage_dir(run_dir, "03_pruning") / "_sets"
 
+
+#: Sub-folders of a stage whose files name their own validity key (e.g. a hash of the inputs and the scoring code
+#: of a pruned set): the pipeline keeps them when it clears a stage for a run of other parameters or code.
+SELF_KEYED: dict[str, tuple[str, ...]] = {"03_pruning": ("_sets",)}
+
 # ------------------------------------------------------------------------------------------ 04 hallucination
 
 ANSWERS = Artifact("04_hallucination_layers", "answers.parquet", "the model's answers, labelled",

@@ -2,7 +2,10 @@
 
 :func:`evaluate_sets` removes each set with :func:`avss_lib.core.layer_removal.remove_layers` and scores it
 with :func:`avss_lib.core.tasks.evaluate_task`; the unpruned model is set ``none``. Finished sets are
-checkpointed so that an interrupted run resumes. :func:`precision_check` re-evaluates the unpruned model in
+checkpointed so that an interrupted run resumes; a checkpoint's name carries a hash of everything its results
+depend on — the inputs and the source of the modules that compute scores (:data:`SCORING_MODULES`) — so it stays
+valid across runs whose other code (figures, prose) changed, and the pipeline keeps the folder
+(:data:`avss_lib.core.artifacts.SELF_KEYED`). :func:`precision_check` re-evaluates the unpruned model in
 float32 to show what the run's dtype costs.
 """
 
@@ -30,6 +33,22 @@ from avss_lib.core.tasks import TaskResult, evaluate_task
 from avss_lib.pruning.plan import BASE_SET
 from avss_lib.pruning.shared_prefix import SharedPrefixLM, truthfulqa_prefix_ids
 from avss_lib.pruning.tasks import PRIMARY_METRIC, TaskSpec
+
+#: The modules whose source decides a pruned set's scores (part of every checkpoint's key).
+SCORING_MODULES: tuple[str, ...] = ("core/activation_stats.py", "core/answer_matching.py", "core/benchmarks.py",
+                                    "core/harness.py", "core/layer_removal.py", "core/layers.py", "core/metrics.py",
+                                    "core/tasks.py", "pruning/evaluate.py", "pruning/shared_prefix.py",
+                                    "pruning/tasks.py")
+
+
+def scoring_code_digest() -> str:
+    """sha256 of the source of :data:`SCORING_MODULES`."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for name in SCORING_MODULES:
+        h.update(name.encode() + (root / name).read_bytes())
+    return h.hexdigest()
+
 
 #: Per-example column of ``TaskResult.per_example`` whose mean is the primary metric.
 _PER_EXAMPLE_COLUMN = {"exact_match": "correct", "acc": "correct", "mc2": "mc2", "rougeL_acc": "correct",
@@ -120,10 +139,11 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Ma
 
 def _set_key(model: nn.Module, layers: Sequence[int], keys: Sequence[str],
              tasks: Mapping[str, tuple[TaskSpec, Benchmark]], batch_size: int, seed: int, share_prefix: bool) -> str:
-    """A short hash of everything that determines one set's results (model, dtype, layers, tasks, data, options)."""
+    """A short hash of everything that determines one set's results (model, dtype, layers, tasks, data, options,
+    and the scoring code)."""
     first = next(model.parameters())
     parts = [getattr(model.config, "_name_or_path", ""), str(model.config.num_hidden_layers), str(first.dtype),
-             str(list(layers)), str(batch_size), str(seed), str(share_prefix)]
+             str(list(layers)), str(batch_size), str(seed), str(share_prefix), scoring_code_digest()]
     for key in keys:
         spec, bench = tasks[key]
         parts += [repr(spec), json.dumps(bench.provenance, sort_keys=True, default=str)]
