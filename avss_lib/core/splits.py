@@ -17,6 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from avss_lib.core.benchmarks import Benchmark, Example, subsample
 from avss_lib.core.errors import ConfigError, DataError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -137,3 +138,17 @@ def side_ids(split: pd.DataFrame, dataset: str, side: str) -> list[str]:
     if rows.empty:
         raise DataError(f"the question split has no {dataset} rows: add {dataset} to chapter 04's datasets")
     return rows.loc[rows["split"] == side, "id"].astype(str).tolist()
+
+
+def side_examples(split: pd.DataFrame, benchmark: Benchmark, side: str, *, n: int | None = None,
+                  seed: int = 0) -> list[Example]:
+    """The examples of ``benchmark`` on one ``side`` of the split, in split order, without those that cannot be
+    answered correctly (a WikiQA question with no correct sentence), at most ``n`` of them (seeded subsample)."""
+    ids = side_ids(split, benchmark.name, side)
+    index = {e.id: e for e in benchmark.examples}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise DataError(f"{len(missing)} {benchmark.name} ids of the split (first: {missing[:3]}) are not in "
+                        f"benchmark split {benchmark.provenance.get('split')!r}: load the split chapter 04 used")
+    examples = [index[i] for i in ids if index[i].correct_choices != ()]
+    return subsample(examples, n if n is not None and len(examples) > n else None, seed)

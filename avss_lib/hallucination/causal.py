@@ -23,12 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark, subsample
+from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.formatting import layer_list
 from avss_lib.core.layer_removal import remove_layers
 from avss_lib.core.resampling import paired_resamples, percentile_interval
-from avss_lib.core.splits import EVALUATION, side_ids
+from avss_lib.core.splits import EVALUATION, side_examples
 from avss_lib.hallucination.answers import answer_benchmark
 from avss_lib.hallucination.layer_rankings import top_k_layers
 
@@ -57,15 +57,8 @@ def causal_questions(split: pd.DataFrame, datasets: Sequence[str], n: int | None
     """At most ``n`` questions of each data set's evaluation half (seeded, in split order)."""
     out = {}
     for name in datasets:
-        ids = side_ids(split, name, EVALUATION)
         full = load_benchmark(name, data_root=data_root)
-        index = {e.id: e for e in full.examples}
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise DataError(f"{name}: {len(missing)} evaluation ids (first {missing[:2]}) are not in the benchmark: "
-                            "re-run chapter 04 on this data root")
-        examples = [index[i] for i in ids]
-        examples = subsample(examples, n if n is not None and len(examples) > n else None, seed)
+        examples = side_examples(split, full, EVALUATION, n=n, seed=seed)
         out[name] = Benchmark(name, examples, {**full.provenance, "causal_n": len(examples)})
     return out
 

@@ -22,7 +22,7 @@ the held-out evaluation sets and the WikiText-2 prefix scored for perplexity.
    kept per question. Questions without a negative are left out of training (the contrastive term needs
    one); a data set left with none raises :class:`~avss_lib.core.errors.DataError`.
 3. **Evaluation sets.** :func:`eval_benchmarks` keeps the evaluation half of each data set (at most ``n_eval``
-   examples, :func:`avss_lib.core.benchmarks.subsample`); :func:`perplexity_benchmark` is a fixed prefix of
+   examples, :func:`avss_lib.core.splits.side_examples`); :func:`perplexity_benchmark` is a fixed prefix of
    the WikiText-2 test split (the language-modelling cost of a fine-tune).
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 import pandas as pd
 
 from avss_lib.core.answer_matching import normalize_answer
-from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark, subsample
+from avss_lib.core.benchmarks import Benchmark, Example, load_benchmark
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.splits import EVALUATION, SELECTION, SPLIT_COLUMNS
+from avss_lib.core.splits import EVALUATION, SELECTION, SPLIT_COLUMNS, side_examples
 from avss_lib.mitigation.contrastive_loss import ContrastiveExample
 
 #: The five data sets of claim E2 (names as in chapter 04's ``ANSWERS`` artifact).
@@ -183,17 +183,12 @@ def to_examples(frame: pd.DataFrame) -> list[ContrastiveExample]:
 
 def eval_benchmarks(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *, n_eval: int | None = None,
                     seed: int = 0) -> dict[str, Benchmark]:
-    """The held-out part of each data set as a :class:`Benchmark` (at most ``n_eval`` examples, seeded)."""
+    """The evaluation half of each data set as a :class:`Benchmark` (at most ``n_eval`` examples, seeded)."""
     out = {}
     for name in split["dataset"].unique():
-        ids = split[(split["dataset"] == name) & (split["split"] == EVALUATION)]["id"].tolist()
-        index = _by_id(benchmarks[name], ids, name)
-        examples = [index[i] for i in ids]
-        if name == "wikiqa":  # the evaluator scores only questions with a correct sentence
-            examples = [e for e in examples if e.correct_choices]
+        examples = side_examples(split, benchmarks[name], EVALUATION, n=n_eval, seed=seed)
         if not examples:
             raise DataError(f"the held-out part of {name} is empty: give chapter 04 more {name} examples")
-        examples = subsample(examples, n_eval if n_eval is not None and len(examples) > n_eval else None, seed)
         provenance = {**benchmarks[name].provenance, "held_out": len(examples), "n_eval": n_eval, "split_seed": seed}
         out[name] = Benchmark(name=name, examples=examples, provenance=provenance)
     return out
@@ -202,14 +197,8 @@ def eval_benchmarks(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *,
 def selection_questions(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *, n: int | None = None,
                         seed: int = 0) -> dict[str, Benchmark]:
     """At most ``n`` questions of each data set's selection half (seeded): what tunes the intervention's strength."""
-    out = {}
-    for name in split["dataset"].unique():
-        ids = split[(split["dataset"] == name) & (split["split"] == SELECTION)]["id"].tolist()
-        index = _by_id(benchmarks[name], ids, name)
-        examples = [index[i] for i in ids if name != "wikiqa" or index[i].correct_choices]
-        examples = subsample(examples, n if n is not None and len(examples) > n else None, seed)
-        out[name] = Benchmark(name=name, examples=examples, provenance={**benchmarks[name].provenance, "tune_n": n})
-    return out
+    return {name: Benchmark(name, side_examples(split, benchmarks[name], SELECTION, n=n, seed=seed),
+                            {**benchmarks[name].provenance, "tune_n": n}) for name in split["dataset"].unique()}
 
 
 def perplexity_benchmark(data_root: str | None, n_chars: int | None) -> Benchmark | None:
