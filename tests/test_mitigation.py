@@ -709,3 +709,15 @@ def test_the_intervention_strength_enters_only_the_intervention_runs_key() -> No
     keys = {r.arm: (runs.run_key(r, settings, "d"), runs.run_key(r, other, "d")) for r in planned}
     assert keys["base"][0] == keys["base"][1] and keys["eavss"][0] == keys["eavss"][1]
     assert keys["iti"][0] != keys["iti"][1]
+
+
+def test_validation_slice_is_a_seeded_disjoint_share_of_the_training_questions() -> None:
+    examples = [td.ContrastiveExample(f"d:{i}", "p", " a", (" b",)) for i in range(20)]
+    train_part, held = td.hold_out_validation(examples, 0.1, seed=3)
+    assert len(held) == 2 and len(train_part) == 18 and not {e.id for e in held} & {e.id for e in train_part}
+    assert td.hold_out_validation(examples, 0.1, seed=3) == (train_part, held)
+    assert td.hold_out_validation(examples, 0.0) == (examples, [])
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        td.hold_out_validation(examples, 1.0)
+    with pytest.raises(DataError, match="cannot be split"):
+        td.hold_out_validation(examples[:1], 0.5)

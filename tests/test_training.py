@@ -165,3 +165,52 @@ def test_batch_indices_walk_seeded_epoch_permutations() -> None:
     assert stream[:5] != stream[5:10]  # each epoch is a fresh permutation
     assert batch_indices(5, 2, seed=3, step=2) == stream[4:6]  # crosses the epoch boundary
     assert batch_indices(5, 2, seed=4, step=0) != batch_indices(5, 2, seed=3, step=0)
+
+
+def test_early_stopping_keeps_the_best_validation_state_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    """Scripted validation losses 3, 2, 2.5, 2.6: with patience 2 training stops after step 4 and keeps the
+    parameters of step 2 — the same as a plain 2-step run; an interrupted run resumes to the same end."""
+    import avss_lib.mitigation.training as training
+
+    losses = iter([3.0, 2.0, 2.5, 2.6, 9.0, 9.0])
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: next(losses))
+    config = _config(steps=10, validate_every=1, patience=2, checkpoint_every=100)
+    model = tiny_model("llama", n_layers=4, seed=0)
+    result = train(model, TOK, EXAMPLES[:4], config, dataset="toy", progress=False, validation=EXAMPLES[4:])
+    assert result.best_step == 2 and result.steps_run == 4
+    assert result.log["val_loss"].tolist() == [3.0, 2.0, 2.5, 2.6]
+    plain = tiny_model("llama", n_layers=4, seed=0)
+    train(plain, TOK, EXAMPLES[:4], _config(steps=2, checkpoint_every=100), dataset="toy", progress=False)
+    for (name, a), b in zip(_state(model).items(), _state(plain).values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="patience"):
+        _config(patience=0).validate(4)
+
+
+def test_early_stopping_state_survives_an_interruption(tmp_path: Path, monkeypatch) -> None:
+    """Interrupted at the third validation, resumed from the step-2 checkpoint: the best state (step 2) came
+    back from the checkpoint, and the run ends as the uninterrupted one does."""
+    import avss_lib.mitigation.training as training
+
+    def scripted(values):
+        def loss(*args, **kwargs):
+            value = values.pop(0)
+            if value is None:
+                raise KeyboardInterrupt
+            return value
+        return loss
+
+    config = _config(steps=10, validate_every=1, patience=2, checkpoint_every=1)
+    model = tiny_model("llama", n_layers=4, seed=0)
+    monkeypatch.setattr(training, "validation_loss", scripted([3.0, 2.0, None]))
+    with pytest.raises(KeyboardInterrupt):
+        train(model, TOK, EXAMPLES[:4], config, dataset="toy", checkpoint_dir=tmp_path, progress=False,
+              validation=EXAMPLES[4:])
+    monkeypatch.setattr(training, "validation_loss", scripted([2.5, 2.6]))
+    resumed = tiny_model("llama", n_layers=4, seed=0)
+    result = train(resumed, TOK, EXAMPLES[:4], config, dataset="toy", checkpoint_dir=tmp_path, progress=False,
+                   validation=EXAMPLES[4:])
+    assert result.resumed_from_step == 2 and result.best_step == 2 and result.steps_run == 4
+    plain = tiny_model("llama", n_layers=4, seed=0)
+    train(plain, TOK, EXAMPLES[:4], _config(steps=2, checkpoint_every=100), dataset="toy", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(_state(resumed).values(), _state(plain).values()))

@@ -69,6 +69,8 @@ class MitigationSettings:
     train_max_length: int = 256
     grad_clip: float = 1.0
     checkpoint_every: int = 50
+    validate_every: int = 0  # steps between validation evaluations (early stopping); 0: train all steps
+    patience: int = 3
     eval_batch_size: int = 8
     sciq_with_support: bool = False  # as chapter 04 (closed book by default)
     wikiqa_scoring: str = "pmi"
@@ -110,7 +112,8 @@ class MitigationSettings:
                            temperature=self.temperature, loss=self.loss,  # type: ignore[arg-type]
                            score=self.score,  # type: ignore[arg-type]
                            grad_clip=self.grad_clip, seed=seed, checkpoint_every=self.checkpoint_every,
-                           max_length=self.train_max_length)
+                           max_length=self.train_max_length, validate_every=self.validate_every,
+                           patience=self.patience)
 
     def eval_key(self) -> dict[str, Any]:
         """The evaluation options a finished run's results depend on (part of its resume key)."""

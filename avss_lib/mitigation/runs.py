@@ -108,7 +108,7 @@ class RunOutput:
 def run_arm(run: ArmRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_state: Mapping[str, torch.Tensor],
             examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark], ppl: Benchmark | None,
             settings: MitigationSettings, run_dir: RunDir, *, data_key: str = "", progress: bool = True,
-            keep_checkpoint: bool = False) -> RunOutput:
+            keep_checkpoint: bool = False, validation: Sequence[ContrastiveExample] = ()) -> RunOutput:
     """Restore ``base_state``, train ``run`` (unless ``base``), evaluate, and write the run folder atomically."""
     folder = mitigation_run_dir(run_dir, run.run_id)
     key = run_key(run, settings, data_key)
@@ -124,13 +124,14 @@ def run_arm(run: ArmRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, b
         shutil.rmtree(ckpt)  # a checkpoint of other settings cannot be resumed
     write_json(key, key_file)
     model.load_state_dict(base_state)
-    train_seconds, log, resumed = 0.0, pd.DataFrame(), 0
+    train_seconds, log, resumed, best_step, steps_run = 0.0, pd.DataFrame(), 0, None, 0
     if run.arm in TRAINED_ARMS:
         start = time.perf_counter()
         config = settings.train_config(run.layers, run.seed or 0, run.lambda_con)
         trained = train(model, tokenizer, examples, config, dataset="+".join(eval_sets), checkpoint_dir=ckpt,
-                        progress=progress)
+                        progress=progress, validation=validation)
         train_seconds, log, resumed = time.perf_counter() - start, trained.log, trained.resumed_from_step
+        best_step, steps_run = trained.best_step, trained.steps_run
     start = time.perf_counter()
     steering = (steer(model, settings.iti_vectors, run.layers, settings.iti_alpha) if run.arm == "iti"
                 else contextlib.nullcontext())
@@ -141,7 +142,7 @@ def run_arm(run: ArmRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, b
     per_example.insert(1, "arm", run.arm)
     log = log.assign(run_id=run.run_id, arm=run.arm) if not log.empty else pd.DataFrame(columns=LOG_COLUMNS)
     result = {"key": key, "perplexity": perplexity, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-              "resumed_from_step": resumed,
+              "resumed_from_step": resumed, "best_step": best_step, "steps_run": steps_run,
               "trainable_params": count_trainable(model, run.layers) if run.arm in TRAINED_ARMS else 0}
     write_table(per_example, folder / RUN_PER_EXAMPLE)
     write_table(log, folder / RUN_TRAIN_LOG)
@@ -166,7 +167,8 @@ class MitigationRuns:
 def run_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, runs: Sequence[ArmRun],
             examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark], ppl: Benchmark | None,
             settings: MitigationSettings, run_dir: RunDir, *, progress: bool = True,
-            on_run: Callable[[RunOutput], None] | None = None) -> MitigationRuns:
+            on_run: Callable[[RunOutput], None] | None = None,
+            validation: Sequence[ContrastiveExample] = ()) -> MitigationRuns:
     """Run every arm from the same base weights (restored before each run), resuming finished runs from disk.
 
     Writes the ``MITIGATION_PER_EXAMPLE``, ``TRAIN_LOGS`` and ``RUNS`` artifacts of ``run_dir``.
@@ -174,11 +176,11 @@ def run_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, runs: Sequence
     if not examples:
         raise DataError("no training examples: check the split and build_training_frame")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data_key = data_fingerprint(examples, eval_sets)
+    data_key = data_fingerprint([*examples, *validation], eval_sets)
     outputs = []
     for run in runs:
         output = run_arm(run, model, tokenizer, base_state, examples, eval_sets, ppl, settings, run_dir,
-                         data_key=data_key, progress=progress)
+                         data_key=data_key, progress=progress, validation=validation)
         outputs.append(output)
         if on_run is not None:
             on_run(output)
@@ -199,6 +201,7 @@ def collect(outputs: Sequence[RunOutput]) -> MitigationRuns:
                      "lambda_con": o.run.lambda_con if o.run.arm in TRAINED_ARMS else float("nan"),
                      "perplexity": p["value"], "perplexity_low": p["low"], "perplexity_high": p["high"],
                      "train_seconds": o.result["train_seconds"], "eval_seconds": o.result["eval_seconds"],
+                     "steps_run": o.result.get("steps_run", 0), "best_step": o.result.get("best_step"),
                      "reused": o.reused})
     runs = pd.DataFrame(rows)
     per_example = pd.concat([o.per_example for o in outputs], ignore_index=True)

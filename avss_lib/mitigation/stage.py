@@ -10,6 +10,7 @@ decide claim E2 (:mod:`avss_lib.mitigation.verdict`). The method is in the book'
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,8 @@ from avss_lib.mitigation.runs import MitigationRuns, run_all
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.intervention import tune_strength
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
-                                               perplexity_benchmark, selection_questions, split_for, to_examples)
+                                               hold_out_validation, perplexity_benchmark, selection_questions, split_for,
+                                               to_examples)
 from avss_lib.mitigation.pooled_effects import examples_needed, primary_table
 from avss_lib.mitigation.verdict import CLAIMED, RANDOM_MARGIN, e2_primary_verdict, e2_reading, e2_verdicts
 
@@ -132,6 +134,7 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
                    eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
                    ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5,
                    random_margin: float = RANDOM_MARGIN, power: float = 0.8, iti_tune_n: int | None = 24,
+                   epochs: float = 0.0, validation_fraction: float = 0.0, validate_every: int = 0, patience: int = 3,
                    seed: int = 0,
                    progress: bool = True) -> MitigationResult:
     """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
@@ -152,7 +155,12 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     split = split_for(question_split, answers, datasets)
     train_frame = build_training_frame(answers, split, benchmarks, max_negatives=max_negatives)
     TRAIN_EXAMPLES.write(train_frame, run_dir)
-    examples = to_examples(train_frame)
+    examples, validation = hold_out_validation(to_examples(train_frame), validation_fraction, seed=seed)
+    if epochs > 0:  # the budget as passes over the training questions (the same for every arm)
+        settings = replace(settings, steps=max(1, math.ceil(epochs * len(examples) / batch_size)))
+    if validation:
+        settings = replace(settings, validate_every=validate_every or max(1, settings.steps // 10),
+                           patience=patience)
     eval_sets = eval_benchmarks(split, benchmarks, n_eval=n_eval, seed=seed)
     ppl = perplexity_benchmark(data_root, ppl_chars)
 
@@ -173,7 +181,8 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     budget = runs_table(runs, lm)
     ARMS.write(budget, run_dir)
     start = time.perf_counter()
-    results = run_all(lm, tokenizer, runs, examples, eval_sets, ppl, settings, run_dir, progress=progress)
+    results = run_all(lm, tokenizer, runs, examples, eval_sets, ppl, settings, run_dir, progress=progress,
+                      validation=validation)
     seconds = time.perf_counter() - start
 
     table = arm_table(results.per_example, n_resamples=n_bootstrap, seed=seed)

@@ -8,6 +8,11 @@ the optimiser state, the step, the RNG states and the loss log, so an interrupte
 checkpoint and ends with bit-identical parameters to an uninterrupted run (same device, same library
 versions). The learning rate is constant (no schedule), so a finished run can also be extended by calling
 :func:`train` again with more ``steps``.
+
+**Early stopping.** With ``validate_every > 0`` and ``validation`` examples (questions held out of the training
+examples), the objective is evaluated on them every ``validate_every`` steps; training stops once it has not
+improved for ``patience`` evaluations, and the trainable parameters of the best evaluation are restored. The
+best state travels in the checkpoint, so an interrupted run still resumes exactly.
 """
 
 from __future__ import annotations
@@ -51,11 +56,15 @@ class TrainConfig:
     checkpoint_every: int = 50
     weight_decay: float = 0.0
     max_length: int = 256
+    validate_every: int = 0  # steps between evaluations of the validation objective; 0: no early stopping
+    patience: int = 3  # evaluations without improvement before training stops
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`ConfigError` naming the fix for any value the run cannot use."""
         _validate_layers(tuple(self.layers), n_layers)
         positives = {"steps": self.steps, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every}
+        if self.validate_every < 0 or self.patience < 1:
+            raise ConfigError(f"validate_every={self.validate_every} must be >= 0 and patience={self.patience} >= 1")
         for name, value in positives.items():
             if value < 1:
                 raise ConfigError(f"{name}={value} must be a positive integer")
@@ -96,6 +105,27 @@ class TrainResult:
     log: pd.DataFrame
     resumed_from_step: int  # 0 for a fresh run
     checkpoint: Path | None
+    best_step: int | None = None  # the step whose parameters were kept (early stopping), None without it
+    steps_run: int = 0
+
+
+@dataclass
+class EarlyStopping:
+    """The validation state of a run: best objective so far, its step and trainable parameters."""
+
+    best_loss: float = float("inf")
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    since_best: int = 0
+    stopped: bool = False
+
+    def update(self, loss: float, step: int, trainable: dict[str, nn.Parameter], patience: int) -> None:
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.since_best = loss, step, 0
+            self.best_state = {name: p.detach().cpu().clone() for name, p in trainable.items()}
+        else:
+            self.since_best += 1
+        self.stopped = self.since_best >= patience
 
 
 def freeze_all_but(model: nn.Module, layers: Sequence[int]) -> dict[str, nn.Parameter]:
@@ -138,8 +168,11 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    validation: Sequence[ContrastiveExample] = (),
 ) -> TrainResult:
     """Fine-tune ``config.layers`` of ``model`` in place on ``examples`` (named ``dataset`` in errors).
+
+    With ``config.validate_every > 0`` the objective on ``validation`` decides early stopping (module docstring).
 
     With ``checkpoint_dir``, a checkpoint is written atomically every ``checkpoint_every`` steps and at the
     end, and a run finds and resumes from the checkpoint already there. ``on_step`` receives each log row
@@ -149,21 +182,32 @@ def train(
     """
     config.validate(len(find_layers(model)))
     _check_examples(examples, config, dataset)
+    if config.validate_every > 0:
+        _check_examples(validation, config, f"{dataset} (validation)")
     trainable = freeze_all_but(model, config.layers)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=config.weight_decay)
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
     log: list[dict[str, float]] = []
     start = 0
+    early = EarlyStopping()
     if path is not None and path.is_file():
-        start, log = _load_checkpoint(path, trainable, optimizer, config)
+        start, log, early = _load_checkpoint(path, trainable, optimizer, config)
     was_training = model.training
     model.train()
     try:
-        _run_steps(model, tokenizer, examples, config, trainable, optimizer, log, start, path, progress, on_step)
+        _run_steps(model, tokenizer, examples, config, trainable, optimizer, log, start, path, progress, on_step,
+                   validation, early)
     finally:
         model.train(was_training)
-    return TrainResult(log=pd.DataFrame(log), resumed_from_step=start, checkpoint=path)
+    best_step = None
+    if config.validate_every > 0 and early.best_state is not None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(early.best_state[name].to(p.device))
+        best_step = early.best_step
+    return TrainResult(log=pd.DataFrame(log), resumed_from_step=start, checkpoint=path, best_step=best_step,
+                       steps_run=int(log[-1]["step"]) if log else 0)
 
 
 def _check_examples(examples: Sequence[ContrastiveExample], config: TrainConfig, dataset: str) -> None:
@@ -191,19 +235,43 @@ def _run_steps(
     path: Path | None,
     progress: bool,
     on_step: Callable[[dict[str, float]], None] | None,
+    validation: Sequence[ContrastiveExample],
+    early: EarlyStopping,
 ) -> None:
     bar = tqdm(total=config.steps, initial=start, desc="train", disable=not progress)
     for step in range(start, config.steps):
+        if early.stopped:
+            break
         batch = [examples[i] for i in batch_indices(len(examples), config.batch_size, config.seed, step)]
         row = _train_step(model, tokenizer, batch, config, trainable, optimizer, step)
+        if config.validate_every > 0 and (step + 1) % config.validate_every == 0:
+            row["val_loss"] = validation_loss(model, tokenizer, validation, config)
+            early.update(row["val_loss"], step + 1, trainable, config.patience)
         log.append(row)
         bar.update(1)
         bar.set_postfix(_running_means(log))
-        if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            _save_checkpoint(path, step + 1, trainable, optimizer, config, log)
+        last = step + 1 == config.steps or early.stopped
+        if path is not None and ((step + 1) % config.checkpoint_every == 0 or last):
+            _save_checkpoint(path, step + 1, trainable, optimizer, config, log, early)
         if on_step is not None:
             on_step(row)
     bar.close()
+
+
+def validation_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, validation: Sequence[ContrastiveExample],
+                    config: TrainConfig) -> float:
+    """The training objective on ``validation``, without gradients, averaged over its examples."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(validation), config.batch_size):
+            batch = list(validation[start:start + config.batch_size])
+            scored = score_examples(model, tokenizer, batch, with_negatives=config.lambda_con > 0,
+                                    max_length=config.max_length, score=config.score)
+            parts = combined_loss(scored.pos, scored.neg_scores, scored.neg_mask, loss=config.loss,
+                                  lambda_con=config.lambda_con, lambda_lm=config.lambda_lm,
+                                  temperature=config.temperature, margin=config.margin, score=config.score)
+            total += parts.total.item() * len(batch)
+    return total / len(validation)
 
 
 def _train_step(
@@ -278,8 +346,10 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     log: list[dict[str, float]],
+    early: EarlyStopping,
 ) -> None:
     state = {
+        "early": asdict(early),
         "step": step,
         "trainable": {name: p.detach().cpu().clone() for name, p in trainable.items()},
         "optimizer": optimizer.state_dict(),
@@ -296,8 +366,9 @@ def _load_checkpoint(
     trainable: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
-) -> tuple[int, list[dict[str, float]]]:
-    """Restore parameters, optimiser and RNG state from ``path``; return the step and the loss log."""
+) -> tuple[int, list[dict[str, float]], EarlyStopping]:
+    """Restore parameters, optimiser and RNG state from ``path``; return the step, the loss log and the
+    early-stopping state."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if int(state["step"]) > config.steps:
         raise ConfigError(
@@ -318,4 +389,4 @@ def _load_checkpoint(
             p.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
-    return int(state["step"]), list(state["log"])
+    return int(state["step"]), list(state["log"]), EarlyStopping(**state.get("early", {}))

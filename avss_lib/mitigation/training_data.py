@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from avss_lib.core.answer_matching import normalize_answer
@@ -179,6 +180,22 @@ def to_examples(frame: pd.DataFrame) -> list[ContrastiveExample]:
     used = frame[frame["usable"]]
     return [ContrastiveExample(f"{r.dataset}:{r.id}", r.prompt, r.positive, tuple(r.negatives))
             for r in used.itertuples(index=False)]
+
+
+def hold_out_validation(examples: Sequence[ContrastiveExample], fraction: float, *, seed: int = 0
+                        ) -> tuple[list[ContrastiveExample], list[ContrastiveExample]]:
+    """Split the training examples (one per selection-half question) into training and a validation slice of
+    ``fraction`` of them (seeded; at least one each when ``fraction > 0``), the slice that early stopping reads."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"validation_fraction={fraction} must lie in [0, 1)")
+    if fraction == 0:
+        return list(examples), []
+    if len(examples) < 2:
+        raise DataError(f"{len(examples)} training example(s) cannot be split for early stopping: label more")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_val].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 def eval_benchmarks(split: pd.DataFrame, benchmarks: Mapping[str, Benchmark], *, n_eval: int | None = None,
