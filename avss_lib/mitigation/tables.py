@@ -41,7 +41,8 @@ def runs_table(runs: pd.DataFrame) -> pd.io.formats.style.Styler:
     """The ``RUNS`` artifact for reading: perplexity with its interval and the seconds of every run."""
     shown = runs.drop(columns=["lambda_con"]).assign(layers=runs["layers"].map(layer_list)).set_index("run_id")
     return shown.style.format({"seed": "{:.0f}", "draw": "{:.0f}", "perplexity": "{:.2f}", "perplexity_low": "{:.2f}", "perplexity_high": "{:.2f}",
-                               "train_seconds": "{:.0f}", "eval_seconds": "{:.0f}"}, na_rep="—")
+                               "train_seconds": "{:.0f}", "eval_seconds": "{:.0f}", "best_step": "{:.0f}"},
+                              na_rep="—")
 
 
 def results_table(table: pd.DataFrame, metric: str, runs: pd.DataFrame | None = None) -> pd.DataFrame:
