@@ -308,3 +308,20 @@ def test_exploratory_sentences_follow_the_data():
                            "change": 15.0, "change_low": 5.0, "change_high": 25.0}])
     sentence = prose.causal_sentence(table)
     assert "On 20 evaluation-half questions" in sentence and "top-k EAVSS +15.0 points [+5.0, +25.0]" in sentence
+
+
+def test_detectable_auroc_by_hand():
+    # 50 vs 100: SE_0 = sqrt(151 / 60000) = 0.050166; (1.959964 + 0.841621) * SE_0 = 0.140546
+    assert ha.detectable_auroc(50, 100) == pytest.approx(0.5 + 0.140546, abs=1e-5)
+    assert ha.detectable_auroc(100, 50) == ha.detectable_auroc(50, 100)
+    assert ha.detectable_auroc(500, 500) < ha.detectable_auroc(50, 100) < ha.detectable_auroc(10, 10)
+    assert math.isnan(ha.detectable_auroc(0, 10))
+    table = ha.summary_table({"toy": _analysis("toy")})
+    assert table.loc["toy", "mde_auroc"] == pytest.approx(ha.detectable_auroc(40, 60))
+
+
+def test_power_sentence_lists_each_data_set_or_says_none_has_power():
+    summary = pd.DataFrame({"mde_auroc": [0.64, float("nan")]}, index=pd.Index(["sciq", "nq_open"], name="dataset"))
+    sentence = prose.power_sentence(summary)
+    assert "sciq 0.64" in sentence and "nq_open" not in sentence
+    assert "none has any power" in prose.power_sentence(summary.iloc[1:])

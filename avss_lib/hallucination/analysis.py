@@ -17,12 +17,14 @@ is the stricter test.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from avss_lib.core.errors import ConfigError, DataError
@@ -172,6 +174,17 @@ def pooled_top_k(analyses: Mapping[str, DatasetAnalysis], k: int) -> tuple[list[
     return top_k_layers(-pooled["mean_rank"], k), pooled, excluded
 
 
+def detectable_auroc(n_hallucinated: int, n_correct: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest AUROC a single test at two-sided level ``alpha`` tells from chance with ``power`` at these class
+    sizes: ``0.5 + (z_{1-alpha/2} + z_power) * SE_0``, with the Mann-Whitney null standard error
+    ``SE_0 = sqrt((n_h + n_c + 1) / (12 n_h n_c))`` (NaN when a class is empty). It bounds what the probes, and any
+    layer statistic that separates the classes about as well, can show on this data set."""
+    if min(n_hallucinated, n_correct) < 1:
+        return float("nan")
+    se = math.sqrt((n_hallucinated + n_correct + 1) / (12 * n_hallucinated * n_correct))
+    return float(0.5 + (norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+
+
 def summary_table(analyses: Mapping[str, DatasetAnalysis], alpha: float = 0.05) -> pd.DataFrame:
     """One row per data set (index ``dataset``): what the E1 rule (:mod:`avss_lib.hallucination.verdict`) reads.
 
@@ -181,11 +194,13 @@ def summary_table(analyses: Mapping[str, DatasetAnalysis], alpha: float = 0.05) 
     ``probe_best_layer``, ``probe_best_auroc``, ``probe_eavss_rho`` (Spearman's rho over layers between score
     and probe AUROC), ``probe_auroc_top_k`` and ``probe_auroc_rest`` (mean AUROC of the top-k layers and of
     the others) and, when answer lengths were given, ``length_auroc`` (the probe on the answer's length alone).
+    ``mde_auroc`` is the data set's power (:func:`detectable_auroc`).
     """
     rows = []
     for name, a in analyses.items():
         row = {"dataset": name, "n_hallucinated": a.n_hallucinated, "n_correct": a.n_correct, "usable": a.usable,
-               "top_k": list(a.top_k), "max_abs_eavss": float(a.scores["score"].max())}
+               "top_k": list(a.top_k), "max_abs_eavss": float(a.scores["score"].max()),
+               "mde_auroc": detectable_auroc(a.n_hallucinated, a.n_correct, alpha=alpha)}
         if a.usable:
             assert a.p_value_max is not None and a.split_half is not None and a.seed_rho is not None
             row.update(min_p_max=float(a.p_value_max.min()), n_layers_p_max_below_alpha=int((a.p_value_max < alpha).sum()),

@@ -150,3 +150,14 @@ def causal_sentence(table: pd.DataFrame | None) -> str:
             f"{base['hallucination_rate']:.1f}% [{base['low']:.1f}, {base['high']:.1f}]; removing the layers changes "
             f"that by: {'; '.join(changes)} (95% paired intervals). If EAVSS located the layers where hallucinations "
             "arise, removing the top-k set would move the rate more than removing random or bottom-k layers.")
+
+
+def power_sentence(summary: pd.DataFrame) -> str:
+    """The smallest AUROC each data set's selection half can tell from chance (the ``mde_auroc`` column)."""
+    rows = summary["mde_auroc"].dropna() if "mde_auroc" in summary.columns else pd.Series(dtype=float)
+    if rows.empty:
+        return "No data set has both classes, so none has any power to locate hallucination-prone layers."
+    listed = ", ".join(f"{name} {value:.2f}" for name, value in rows.items())
+    return (f"**Power.** At the selection half's class sizes, the smallest AUROC a layer (or its probe) must reach to be "
+            f"told from chance at 80% power in a single two-sided test at 5% is: {listed}; weaker separations "
+            "cannot be seen here whatever EAVSS does.")

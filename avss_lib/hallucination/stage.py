@@ -128,6 +128,7 @@ class HallucinationResult:
             "hal_secondary": prose.secondary_sentence(self.secondary_verdict, self.length_strata),
             "hal_conventions": prose.convention_sentence(self.convention_verdict, self.verdict),
             "hal_open_qa_shots": self.open_qa_shots, "hal_causal": prose.causal_sentence(self.causal),
+            "hal_power": prose.power_sentence(self.summary),
             **{f"hal_time_{key}": seconds for key, seconds in self.timings.items()},
         }
 
