@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from avss_lib.book import cli
 from avss_lib.core import artifacts
 from avss_lib.core.artifacts import AVSS_SCORES
 from avss_lib.core.errors import ConfigError
-from avss_lib.book.pipeline import REPO_ROOT, build_book, load_profile, notebook_parameters, run_pipeline
+from avss_lib.book.pipeline import build_book, load_profile, notebook_parameters, run_pipeline
 
 from conftest import needs_data
 
