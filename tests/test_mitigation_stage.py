@@ -97,7 +97,8 @@ def check_mitigation_artifacts(run_dir) -> None:
     assert provenance["layers"] == {arm: [list(v) for v in g["layers"]] for arm, g in arms.groupby("arm", sort=False)}
     assert all(provenance["data"][d]["sha256"] and provenance["data"][d]["held_out"] == n_eval
                for d in params["datasets"])
-    assert provenance["n_train_examples"] == int(train["usable"].sum())
+    assert provenance["n_train_examples"] + provenance["n_validation_examples"] == int(train["usable"].sum())
+    assert provenance["n_validation_examples"] == max(1, round(params["validation_fraction"] * int(train["usable"].sum())))
     assert params["eval_dtype"] == "bfloat16"  # the smoke profile evaluates in bfloat16
 
 

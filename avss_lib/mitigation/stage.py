@@ -85,8 +85,11 @@ class MitigationResult:
     margin: float
     layer_sets: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
 
+    n_validation: int = 0  # of the usable training questions, held out for early stopping
+
     @property
     def n_train_examples(self) -> int:
+        """Training questions with a negative (the validation slice included)."""
         return int(self.train_frame["usable"].sum())
 
     @property
@@ -108,7 +111,7 @@ class MitigationResult:
         primary, verdict = self.verdicts[0], self.verdicts[1]
         used = self.data_table["train: used (have negatives)"].to_dict()
         return {
-            "seed": self.seed, "n_train_examples": self.n_train_examples,
+            "seed": self.seed, "n_train_examples": self.n_train_examples, "n_validation": self.n_validation,
             "train_used_per_dataset": prose.counts_phrase(used),
             "n_held_out": int(self.data_table["held-out evaluated"].sum()),
             "budget": prose.budget_phrase(self.arms),
@@ -206,10 +209,11 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     PROVENANCE_05.write({
         "model": model_provenance(model), "data": data, "eval_options": eval_options,
         "layers": {arm: [list(s) for s in sets] for arm, sets in layer_sets.items()},
-        "n_train_examples": len(examples), "torch_threads": torch.get_num_threads(),
+        "n_train_examples": len(examples), "n_validation_examples": len(validation),
+        "torch_threads": torch.get_num_threads(),
         "timings_s": {"runs": seconds, "stage": time.perf_counter() - started}}, run_dir)
     return MitigationResult(settings=settings, split=split, train_frame=train_frame,
                             data_table=data_summary(train_frame, split, eval_sets), arms=budget, runs=results,
                             table=table, run_metrics=run_metrics, comparisons=comp, primary=primary, iti_grid=iti_grid,
                             verdicts=verdicts, seconds=seconds, seed=seed, min_effect=min_effect,
-                            margin=random_margin, layer_sets=layer_sets)
+                            margin=random_margin, layer_sets=layer_sets, n_validation=len(validation))
