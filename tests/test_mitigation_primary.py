@@ -70,15 +70,20 @@ def test_the_mde_does_not_collapse_when_two_arms_answer_alike() -> None:
 def _table(acc: tuple[float, float, float], acc_rel: tuple[float, float, float],
            acc_random: tuple[float, float, float] | None, ece: tuple[float, float, float] = (-20.0, -30.0, -10.0),
            ece_rel: tuple[float, float, float] = (-50.0, -70.0, -30.0),
-           ece_random: tuple[float, float, float] | None = (-8.0, -12.0, -4.0)) -> pd.DataFrame:
-    """A primary table by hand: (diff, low, high) in points and in % per metric and other arm."""
+           ece_random: tuple[float, float, float] | None = (-8.0, -12.0, -4.0), mde: float = 4.0,
+           random_mde: float = 1.5) -> pd.DataFrame:
+    """A primary table by hand: (diff, low, high) in points and in % per metric and other arm; the untouched
+    model scores 40 (accuracy) and 30 (ECE), so the claim's smaller reading is 4.8 and 10.2 points."""
     rows = []
-    for metric, base, rel, random in (("accuracy", acc, acc_rel, acc_random), ("ece", ece, ece_rel, ece_random)):
+    for metric, base, rel, random, other in (("accuracy", acc, acc_rel, acc_random, 40.0),
+                                             ("ece", ece, ece_rel, ece_random, 30.0)):
         rows.append({"metric": metric, "other": "base", "diff": base[0], "low": base[1], "high": base[2],
-                     "rel_change": rel[0], "rel_low": rel[1], "rel_high": rel[2], "mde": 5.0, "n": 240})
+                     "rel_change": rel[0], "rel_low": rel[1], "rel_high": rel[2], "mde": mde, "n": 240,
+                     "other_value": other})
         if random is not None:
             rows.append({"metric": metric, "other": "random", "diff": random[0], "low": random[1], "high": random[2],
-                         "rel_change": np.nan, "rel_low": np.nan, "rel_high": np.nan, "mde": 5.0, "n": 240})
+                         "rel_change": np.nan, "rel_low": np.nan, "rel_high": np.nan, "mde": random_mde, "n": 240,
+                         "other_value": other})
     return pd.DataFrame(rows)
 
 
@@ -98,6 +103,13 @@ def test_each_outcome_is_reachable() -> None:
     unspecific = e2_primary_verdict(_table((14.0, 8.0, 20.0), (40.0, 20.0, 60.0), (0.2, -1.0, 1.5)))
     assert unspecific.outcome == "does not hold"
     assert unspecific.condition("no better than random layers", "accuracy").met
+    # the claim excluded by an interval the run was too small to trust (MDE above the claim's 4.8 points): inconclusive
+    underpowered = e2_primary_verdict(_table((3.0, 1.0, 5.0), (8.0, 2.0, 11.0), (3.0, 1.0, 5.0), mde=20.0))
+    assert underpowered.outcome == "inconclusive"
+    assert not underpowered.condition("powered to exclude the claim", "accuracy").met
+    # no better than random layers, but the run could not see a 2-point margin: not evidence either
+    blind = e2_primary_verdict(_table((14.0, 8.0, 20.0), (40.0, 20.0, 60.0), (0.2, -1.0, 1.5), random_mde=6.0))
+    assert blind.outcome == "inconclusive"
     # wide intervals that neither reach nor exclude the claim: inconclusive
     wide = e2_primary_verdict(_table((4.0, -6.0, 14.0), (10.0, -15.0, 35.0), (2.0, -8.0, 12.0)))
     assert wide.outcome == "inconclusive"

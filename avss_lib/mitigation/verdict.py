@@ -13,8 +13,10 @@ both readings are checked) and :math:`h` the improvement over the random-layer a
   claim under either reading (:math:`g \ge c` or :math:`g_\% \ge c`), and EAVSS beats the random layers
   (interval of :math:`h` above 0 and :math:`h \ge m`);
 - **does not hold** when the interval of the improvement lies below the claim under both readings (a
-  non-superiority bound: upper ends of :math:`g` and :math:`g_\%` below :math:`c`), or when EAVSS is no better
-  than random layers within the margin (upper end of :math:`h` below :math:`m`);
+  non-superiority bound: upper ends of :math:`g` and :math:`g_\%` below :math:`c`) and the run's minimum
+  detectable effect is at most the smaller reading of the claim in points, or when EAVSS is no better than random
+  layers within the margin (upper end of :math:`h` below :math:`m`, with a minimum detectable effect of at most
+  :math:`m`) — an interval counts as evidence of absence only where the run could have seen the effect;
 - **inconclusive** otherwise.
 
 Claim E2 asserts both magnitudes, so it *holds* when both metrics hold, *does not hold* when either does not hold,
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from avss_lib.core.errors import DataError
@@ -145,8 +148,10 @@ PRIMARY_RULE = (
     "draws resampled with the examples. Per metric, with c the paper's magnitude (+12 accuracy, −34 ECE, read both "
     "as points and as % of the untouched value) and m = {margin:g} points: holds when the improvement over the "
     "untouched model is significant, reaches c under either reading, and beats the random layers significantly and "
-    "by at least m; does not hold when the interval of the improvement lies below c under both readings, or when "
-    "the improvement over the random layers is below m at the interval's upper end; inconclusive otherwise. E2 "
+    "by at least m; does not hold when the interval of the improvement lies below c under both readings with a "
+    "minimum detectable effect no larger than the smaller reading of c, or when the improvement over the random "
+    "layers is below m at the interval's upper end with a minimum detectable effect no larger than m; "
+    "inconclusive otherwise. E2 "
     "holds when both metrics hold, does not hold when either does not hold, and is inconclusive otherwise.")
 
 
@@ -167,12 +172,19 @@ def _metric_outcome(metric: str, vs_base: pd.Series | None, vs_random: pd.Series
                   group=metric),
         Condition("claim excluded under both readings", met=bool(max(g, g_high) < claim and max(r, r_high) < claim),
                   value=max(g_high, r_high), threshold=claim, group=metric)]
+    # an interval that excludes the claim is evidence only where the run could have seen it: its MDE at most the
+    # smaller reading of the claim in points (a bootstrap of arms that answer alike collapses to [0, 0] otherwise)
+    smallest = min(claim, claim * abs(float(vs_base.get("other_value", np.nan))) / 100)
+    powered = bool(float(vs_base.get("mde", np.nan)) <= smallest)
+    conditions.append(Condition("powered to exclude the claim", met=powered, value=float(vs_base.get("mde", np.nan)),
+                                threshold=smallest, group=metric))
     if vs_random is None:
         conditions.append(Condition("random run", met=False, group=metric))
         beats = equivalent = False
     else:
         h, h_low, h_high = improvement(vs_random)
-        beats, equivalent = bool(h_low > 0 and h >= margin), bool(max(h, h_high) < margin)
+        powered_margin = bool(float(vs_random.get("mde", np.nan)) <= margin)
+        beats, equivalent = bool(h_low > 0 and h >= margin), bool(max(h, h_high) < margin and powered_margin)
         conditions += [Condition("beats random layers", met=beats, value=h, threshold=margin, low=h_low, high=h_high,
                                  group=metric),
                        Condition("no better than random layers", met=equivalent, value=h_high, threshold=margin,
@@ -180,7 +192,7 @@ def _metric_outcome(metric: str, vs_base: pd.Series | None, vs_random: pd.Series
     reached = conditions[1].met or conditions[2].met
     if conditions[0].met and reached and beats:
         return "holds", conditions
-    if conditions[3].met or equivalent:
+    if (conditions[3].met and powered) or equivalent:
         return "does not hold", conditions
     return "inconclusive", conditions
 
