@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from numpy.typing import ArrayLike
 from scipy.special import logsumexp
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, norm
 from statsmodels.stats.proportion import proportion_confint
 from torchmetrics.functional.classification import binary_calibration_error
 
@@ -204,3 +204,9 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
     if n_tokens <= 0:
         raise ConfigError(f"perplexity needs at least one scored token, got n_tokens={n_tokens}")
     return float(np.exp(nll_sum / n_tokens))
+
+
+def minimum_detectable_effect(se: float, *, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true effect a two-sided test at confidence ``level`` detects with ``power``, for an estimate
+    with standard error ``se``: ``(z_{1-alpha/2} + z_power) * se``."""
+    return float((norm.ppf(1 - (1 - level) / 2) + norm.ppf(power)) * se)

@@ -104,7 +104,7 @@ PROMPTS: dict[str, str] = {
 #: each shot is the template, the target delimiter ``" "`` and its first gold answer.
 FEWSHOT: dict[str, tuple[str, str, str]] = {
     "nq_open": ("Answer these questions:\n\n", "Q: {question}?\nA:", "\n"),
-    "triviaqa": ("", "Question: {question}?\nAnswer:", "\n\n"),
+    "triviaqa": ("", PROMPTS["triviaqa"], "\n\n"),  # its zero-shot prompt has no description
 }
 
 

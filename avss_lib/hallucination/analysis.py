@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from avss_lib.core.errors import ConfigError, DataError
+from avss_lib.core.metrics import minimum_detectable_effect
 from avss_lib.hallucination.eavss import EavssConfig, eavss_table
 from avss_lib.hallucination.group_stats import SmallClassWarning, check_class_sizes
 from avss_lib.hallucination.layer_rankings import pool_rankings, top_k_layers
@@ -182,7 +182,7 @@ def detectable_auroc(n_hallucinated: int, n_correct: int, *, alpha: float = 0.05
     if min(n_hallucinated, n_correct) < 1:
         return float("nan")
     se = math.sqrt((n_hallucinated + n_correct + 1) / (12 * n_hallucinated * n_correct))
-    return float(0.5 + (norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+    return 0.5 + minimum_detectable_effect(se, level=1 - alpha, power=power)
 
 
 def summary_table(analyses: Mapping[str, DatasetAnalysis], alpha: float = 0.05) -> pd.DataFrame:

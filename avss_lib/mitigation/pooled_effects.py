@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from avss_lib.core.errors import DataError
+from avss_lib.core.metrics import minimum_detectable_effect
 from avss_lib.core.resampling import Resamples, percentile_interval
 from avss_lib.mitigation.outcomes import LOWER_IS_BETTER, arm_matrices, arm_metric, resampled_arm_metric
 
@@ -80,11 +80,6 @@ def pooled_draws(per_example: pd.DataFrame, metric: str, arms: Sequence[str], *,
             value[arm] += weight * arm_metric(correct, confidence, metric)
             draws[arm] += weight * resampled_arm_metric(correct, confidence, metric, resamples, group)
     return PooledDraws(value, draws, n_total, len(datasets), runs)
-
-
-def minimum_detectable_effect(se: float, *, level: float, power: float = 0.8) -> float:
-    """``(z_{1-alpha/2} + z_power) * se`` for a two-sided test at confidence ``level``."""
-    return float((norm.ppf(1 - (1 - level) / 2) + norm.ppf(power)) * se)
 
 
 def primary_table(per_example: pd.DataFrame, *, target: str = "eavss", others: Sequence[str] = ("base", "random"),
