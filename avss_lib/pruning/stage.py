@@ -11,7 +11,7 @@ retention and comparison tables (:mod:`avss_lib.pruning.retention`) and claim A1
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,8 +122,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                 oracle_samples: int | None, sleb_samples: int, curve_ratios: Sequence[float], curve_methods: Sequence[str],
                 curve_tasks: Mapping[str, int | None], curve_random_seeds: int, batch_size: int,
                 precision_check: bool, speed_repeats: int, n_bootstrap: int, stability_folds: int,
-                stability_oracle_samples: int | None,
-                log: Callable[[str], Any] | None = print) -> PruningResult:
+                stability_oracle_samples: int | None) -> PruningResult:
     """Run stage 03 with the chapter's parameters (see the notebook's ``parameters`` cell) and write its artifacts."""
     torch.manual_seed(seed)
     started = time.perf_counter()
@@ -167,7 +166,7 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
 
     t0 = time.perf_counter()
     evaluations = evaluate.evaluate_sets(lm, tokenizer, sets, needs, benchmarks, batch_size=batch_size, seed=seed,
-                                         checkpoint_dir=art.pruning_checkpoint_dir(run_dir), log=log)
+                                         checkpoint_dir=art.pruning_checkpoint_dir(run_dir), log=print)
     evaluation_seconds = time.perf_counter() - t0
     precision = None
     t0 = time.perf_counter()
