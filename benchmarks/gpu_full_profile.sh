@@ -16,7 +16,12 @@ record="${2:-benchmarks/records/full_gpu.json}"
 venv="${AVSS_GPU_VENV:-/tmp/avss-gpu-venv}"
 
 t0=$(date +%s.%N)
-python3 -m venv --system-site-packages "$venv"
+rm -rf "$venv"
+python3 -m venv "$venv"
+# The machine's python3 may itself live in a virtual environment (whose packages --system-site-packages would not
+# see): a .pth file adds its site-packages, CUDA torch among them, behind the carried wheels.
+python3 -c 'import site; print("\n".join(f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+  > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site.pth"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps "$stage"/wheels/*.whl
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
 "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (avss)" >/dev/null
