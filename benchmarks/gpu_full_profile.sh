@@ -33,9 +33,12 @@ python3 -c 'import site; print("\n".join(f"import site; site.addsitedir({p!r})" 
 t1=$(date +%s.%N)
 "$venv/bin/avss" run --profile "$profile" --data-root "$stage/data" --no-book "$@"
 t2=$(date +%s.%N)
-"$venv/bin/python" -c 'import sys; from avss_lib.book.pipeline import build_book, REPO_ROOT; print(build_book(REPO_ROOT / "data/runs/" + sys.argv[1]))' "$profile"
+# A failed book build is recorded, not fatal: the notebooks' times and verdicts are the record's point.
+book_built=true
+"$venv/bin/python" -c 'import sys; from avss_lib.book.pipeline import build_book, REPO_ROOT; print(build_book(REPO_ROOT / "data/runs/" + sys.argv[1]))' "$profile" \
+  || book_built=false
 t3=$(date +%s.%N)
-"$venv/bin/python" - "$record" "$profile" "$t0" "$t1" "$t2" "$t3" "$*" <<'EOF'
+"$venv/bin/python" - "$record" "$profile" "$t0" "$t1" "$t2" "$t3" "$book_built" "$*" <<'EOF'
 import json, os, platform, sys, time
 import torch
 from avss_lib.book.pipeline import REPO_ROOT
@@ -43,7 +46,8 @@ from avss_lib.book.reproducibility import PACKAGES, _version
 from avss_lib.core.artifacts import STAGES, done_record, stage_dir
 from avss_lib.core.io import write_json
 
-record, profile, (t0, t1, t2, t3), extra = sys.argv[1], sys.argv[2], map(float, sys.argv[3:7]), sys.argv[7]
+record, profile, (t0, t1, t2, t3), book_built, extra = (
+    sys.argv[1], sys.argv[2], map(float, sys.argv[3:7]), sys.argv[7] == "true", sys.argv[8])
 run = REPO_ROOT / "data" / "runs" / profile
 notebooks = {}
 verdicts = {}
@@ -62,6 +66,7 @@ write_json({
     "versions": {p: _version(p) for p in PACKAGES},
     "seconds": {"setup": round(t1 - t0, 1), "notebooks": round(t2 - t1, 1), "book_build": round(t3 - t2, 1),
                 "total": round(t3 - t0, 1), "per_notebook": notebooks},
+    "book_built": book_built,
     "verdicts": verdicts,
 }, REPO_ROOT / record)
 print(json.dumps(notebooks), round(t3 - t0, 1), "s in all")
