@@ -10,7 +10,8 @@ chapter (notebook)          wing                     reads -> writes (artifacts,
 04 hallucination (E1)       ``hallucination``        02 -> ``ANSWERS``, ``QUESTION_SPLIT``, ``EXAMPLE_STATS``, ``EAVSS_LAYERS``, ``VERDICT_04``
 05 mitigation (E2)          ``mitigation``           02, 04 -> ``TRAIN_EXAMPLES``, ``ARMS``, ``MITIGATION_PER_EXAMPLE``, ``ARM_METRICS``, ``VERDICT_05``
 06 performance appendix     ``performance``          01 and every stage's ``_done.json`` -> ``OVERHEAD``, ``MEMORY``, ``SPEEDUP`` ...
-the book                    ``book``                 every stage -> the claims chapter, the reproducibility appendix
+the book                    ``book``                 every stage -> the claims chapter, the reproducibility appendix,
+                                                     a run's committed record (``avss record``)
 ==========================  =======================  =================================================================
 
 Each wing has a ``stage.py`` whose one function runs its chapter and returns a result object (tables, and the

