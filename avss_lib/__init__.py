@@ -11,7 +11,8 @@ chapter (notebook)          wing                     reads -> writes (artifacts,
 05 mitigation (E2)          ``mitigation``           02, 04 -> ``TRAIN_EXAMPLES``, ``ARMS``, ``MITIGATION_PER_EXAMPLE``, ``ARM_METRICS``, ``VERDICT_05``
 06 performance appendix     ``performance``          01 and every stage's ``_done.json`` -> ``OVERHEAD``, ``MEMORY``, ``SPEEDUP`` ...
 the book                    ``book``                 every stage -> the claims chapter, the reproducibility appendix,
-                                                     a run's committed record (``avss record``)
+                                                     a run's committed record (``avss record``), a run over
+                                                     several models (``model_runs``: a book part per model)
 ==========================  =======================  =================================================================
 
 Each wing has a ``stage.py`` whose one function runs its chapter and returns a result object (tables, and the

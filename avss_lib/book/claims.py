@@ -9,6 +9,8 @@ with their values.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+
 import pandas as pd
 
 from avss_lib.core.artifacts import STAGES, RunDir, verdict
@@ -55,30 +57,76 @@ def untested_claims(verdicts: list[tuple[str, Verdict]]) -> list[str]:
     return [c for c in CLAIMS if c not in tested]
 
 
+INTRO = ("Each row is generated from the artifacts of this build: the paper's number, ours with its 95% "
+         "confidence interval, and the outcome of the chapter's pre-stated rule (*holds*, *does not hold*, "
+         "*inconclusive* when the intervals cannot separate the alternatives, or *undefined* when the subject "
+         "itself was not decided by the data). Each claim's verdict is its one pre-registered *primary* analysis "
+         "(in bold); *exploratory* rows are labelled so and decide nothing. The chapter named in the last "
+         "column shows the evidence; below the table, each rule and the conditions it checked.")
+
+
+def _verdict_sections(verdicts: list[tuple[str, Verdict]], level: int) -> list[str]:
+    """The verdict table, then each rule and its conditions, under headings of ``level`` (2 = ``##``)."""
+    if not verdicts:
+        return ["_No chapter that tests a claim was executed in this build._"]
+    parts = [verdict_table(verdicts).to_markdown(index=False), "#" * level + " Rules and conditions"]
+    for stage, v in verdicts:
+        parts.append("#" * (level + 1) + f" {v.claim}: {v.subject} ({v.analysis}, {stage})")
+        parts.append(f"**{v.outcome}.** Rule: {v.rule}")
+        if v.conditions:
+            parts.append(pd.DataFrame([_condition_row(c) for c in v.conditions]).to_markdown(index=False))
+    return parts
+
+
+def _untested_line(verdicts: list[tuple[str, Verdict]]) -> list[str]:
+    untested = untested_claims(verdicts)
+    return ["Not tested in this build: " + ", ".join(f"{c} ({CLAIMS[c]})" for c in untested)] if untested else []
+
+
 def claims_markdown(run_dir: RunDir) -> str:
     """The claims chapter as MyST Markdown."""
     verdicts = collect_verdicts(run_dir)
-    parts = [
-        "# Claims: verdicts",
-        "Each row is generated from the artifacts of this build: the paper's number, ours with its 95% "
-        "confidence interval, and the outcome of the chapter's pre-stated rule (*holds*, *does not hold*, "
-        "*inconclusive* when the intervals cannot separate the alternatives, or *undefined* when the subject "
-        "itself was not decided by the data). Each claim's verdict is its one pre-registered *primary* analysis "
-        "(in bold); *exploratory* rows are labelled so and decide nothing. The chapter named in the last "
-        "column shows the evidence; below the table, each rule and the conditions it checked.",
-    ]
-    if not verdicts:
-        parts.append("_No chapter that tests a claim was executed in this build._")
-    else:
-        parts.append(verdict_table(verdicts).to_markdown(index=False))
-        parts.append("## Rules and conditions")
-        for stage, v in verdicts:
-            parts.append(f"### {v.claim}: {v.subject} ({v.analysis}, {stage})")
-            parts.append(f"**{v.outcome}.** Rule: {v.rule}")
-            if v.conditions:
-                parts.append(pd.DataFrame([_condition_row(c) for c in v.conditions]).to_markdown(index=False))
-    untested = untested_claims(verdicts)
-    if untested:
-        parts.append("Not tested in this build: " + ", ".join(f"{c} ({CLAIMS[c]})" for c in untested))
+    parts = ["# Claims: verdicts", INTRO, *_verdict_sections(verdicts, 2), *_untested_line(verdicts)]
     return "\n\n".join(parts) + "\n"
 
+
+def agreement(outcomes: Mapping[str, str | None]) -> str:
+    """Whether the models' primary verdicts on one claim agree, in words (``None``: the model did not test it)."""
+    tested = {model: o for model, o in outcomes.items() if o is not None}
+    if not tested:
+        return "not tested"
+    if len(tested) < len(outcomes):
+        return "tested only on " + ", ".join(tested)
+    if len(tested) == 1:
+        return "one model"
+    if len(set(tested.values())) == 1:
+        return f"the models agree: {next(iter(tested.values()))}"
+    return "the models disagree: " + "; ".join(f"{m}: {o}" for m, o in tested.items())
+
+
+def models_verdict_table(runs: Mapping[str, RunDir]) -> pd.DataFrame:
+    """One row per claim: each model's primary verdict with its summary, and whether the models agree."""
+    primary = {model: {v.claim: v for _, v in collect_verdicts(run) if v.analysis == "primary"}
+               for model, run in runs.items()}
+    rows = []
+    for claim, statement in CLAIMS.items():
+        row = {"claim": claim, "statement": statement, "paper": PAPER[claim]}
+        for model, verdicts in primary.items():
+            v = verdicts.get(claim)
+            row[model] = f"**{v.outcome}**: {v.summary}" if v else "—"
+        row["agreement"] = agreement({m: (vs[claim].outcome if claim in vs else None) for m, vs in primary.items()})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["claim", "statement", "paper", *runs, "agreement"])
+
+
+def models_claims_markdown(runs: Mapping[str, RunDir]) -> str:
+    """The claims chapter of a run covering several models: one primary verdict per claim per model, whether
+    they agree, then each model's full verdict table, rules and conditions."""
+    parts = ["# Claims: verdicts",
+             "The first table gives, for each claim, each model's pre-registered primary verdict and whether the "
+             "models agree (a claim the papers state generally should hold on every model). " + INTRO,
+             models_verdict_table(runs).to_markdown(index=False)]
+    for model, run in runs.items():
+        verdicts = collect_verdicts(run)
+        parts += [f"## {model}", *_verdict_sections(verdicts, 3), *_untested_line(verdicts)]
+    return "\n\n".join(parts) + "\n"

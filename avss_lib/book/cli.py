@@ -11,7 +11,9 @@ from typing import Any
 import yaml
 
 from avss_lib.core.errors import AvssError
-from avss_lib.book.pipeline import NOTEBOOKS, REPO_ROOT, build_book, declared_parameters, profile_names, run_pipeline
+from avss_lib.book.model_runs import run_models
+from avss_lib.book.pipeline import (NOTEBOOKS, REPO_ROOT, build_book, declared_parameters, load_profile, profile_names,
+                                    run_pipeline)
 from avss_lib.book.run_record import write_run_record
 
 
@@ -56,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="where artifacts go (default: data/runs/<profile>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a common parameter, e.g. --set model=HuggingFaceTB/SmolLM2-360M-Instruct")
-    run.add_argument("--model", help="shortcut for --set model=...: bundled name, Hub id, local folder or .gguf path")
+    models = run.add_mutually_exclusive_group()
+    models.add_argument("--model", help="shortcut for --set model=...: bundled name, Hub id, local folder or .gguf "
+                                        "path (the run covers this one model, whatever the profile's 'models' list)")
+    models.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="cover several models, one run folder each under the run folder, and one book with a "
+                             "part per model and a verdict per claim per model (default: the profile's 'models')")
     run.add_argument("--data-root", help="shortcut for --set data_root=...: folder of benchmark copies, or 'hub'")
     run.add_argument("--no-book", action="store_true", help="run the notebooks but do not build the book")
     record = sub.add_parser("record", help="write the record of a run: date, commit, machine, versions, times, verdicts")
@@ -78,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.run_dir or REPO_ROOT / "data" / "runs" / Path(str(profile)).stem
         overrides = _parse_set(args.overrides)
         overrides.update({k: v for k, v in (("model", args.model), ("data_root", args.data_root)) if v is not None})
-        run_pipeline(profile, run_dir=run_dir, only=args.only, force=args.force, overrides=overrides)
+        models = args.models or (None if args.model else load_profile(profile)["models"])
+        if models:
+            run_models(run_pipeline, models, run_dir, overrides, profile=profile, only=args.only, force=args.force)
+        else:
+            run_pipeline(profile, run_dir=run_dir, only=args.only, force=args.force, overrides=overrides)
         if not args.no_book:
             html = build_book(run_dir)
             print(f"[avss] book built: {html / 'index.html'}")

@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
-from avss_lib.core.artifacts import SELF_KEYED, done_record, started_record
+from avss_lib.core.artifacts import SELF_KEYED, done_record, read_models, started_record
 from avss_lib.core.errors import AvssError, ConfigError
-from avss_lib.book.claims import claims_markdown
+from avss_lib.book.claims import claims_markdown, models_claims_markdown
+from avss_lib.book.model_runs import models_toc
 from avss_lib.core.io import atomic_path, read_json, write_json
 from avss_lib.book.reproducibility import appendix_markdown
 
@@ -76,7 +77,8 @@ def load_profile(profile: str | os.PathLike[str], _seen: tuple[str, ...] = ()) -
 
     A profile may name another in ``extends``: it then starts from that profile's ``common`` values and
     notebooks, and its own values replace the inherited ones key by key (a notebook listed as ``null`` is
-    dropped from the inherited set).
+    dropped from the inherited set). An optional ``models`` list makes the run cover several models, one run
+    folder each (:mod:`avss_lib.book.model_runs`); without it the run covers ``common.model``.
     """
     path = Path(profile)
     if not path.suffix:
@@ -86,18 +88,23 @@ def load_profile(profile: str | os.PathLike[str], _seen: tuple[str, ...] = ()) -
     elif not path.is_file():
         raise ConfigError(f"parameters file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or set(data) - {"common", "notebooks", "extends"}:
-        raise ConfigError(f"{path}: a profile has only the keys 'extends', 'common' and 'notebooks'")
+    if not isinstance(data, dict) or set(data) - {"common", "notebooks", "extends", "models"}:
+        raise ConfigError(f"{path}: a profile has only the keys 'extends', 'common', 'notebooks' and 'models'")
+    models = data.get("models")
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{path}: 'models' is a list of model specs (bundled names, Hub ids or paths), got {models!r}")
     notebooks = data.get("notebooks") or {}
     unknown = set(notebooks) - set(NOTEBOOKS)
     if unknown:
         raise ConfigError(f"{path}: unknown notebook(s) {sorted(unknown)}: choose from {', '.join(NOTEBOOKS)}")
     if "extends" not in data:
-        return {"common": data.get("common") or {}, "notebooks": {k: v or {} for k, v in notebooks.items()}}
+        return {"common": data.get("common") or {}, "notebooks": {k: v or {} for k, v in notebooks.items()},
+                "models": models}
     if str(data["extends"]) in _seen:
         raise ConfigError(f"{path}: profiles extend each other in a cycle: {' -> '.join([*_seen, str(data['extends'])])}")
     base = load_profile(data["extends"], (*_seen, str(data["extends"])))
-    merged = {"common": {**base["common"], **(data.get("common") or {})}, "notebooks": dict(base["notebooks"])}
+    merged = {"common": {**base["common"], **(data.get("common") or {})}, "notebooks": dict(base["notebooks"]),
+              "models": base["models"] if models is None else models}
     for name, values in notebooks.items():
         if values is None:
             merged["notebooks"].pop(name, None)
@@ -293,6 +300,10 @@ def run_pipeline(
     return runs
 
 
+def _has_page(stage: Path, file: str) -> bool:
+    return (stage / f"{file}.ipynb").is_file() or (stage / f"{file}.md").is_file()
+
+
 def _notebook_name(key: str) -> str:
     matches = [n for n in NOTEBOOKS if n == key or n.split("_", 1)[0] == key.zfill(2)]
     if len(matches) != 1:
@@ -303,7 +314,9 @@ def _notebook_name(key: str) -> str:
 def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None) -> Path:
     """Stage the book sources with the executed notebooks of ``run_dir`` and build HTML (warnings are errors).
 
-    Chapters whose notebook has not been executed in ``run_dir`` are left out of the table of contents.
+    Chapters whose notebook has not been executed in ``run_dir`` are left out of the table of contents. A run
+    covering several models (:mod:`avss_lib.book.model_runs`) gets a part per model and a claims chapter with
+    one verdict per claim per model.
     Returns the folder of the built HTML (``<output_dir>/_build/html``; ``output_dir`` defaults to the repo).
     """
     run_path = Path(run_dir)
@@ -315,11 +328,21 @@ def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[st
     for item in BOOK_SOURCES:
         src = REPO_ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / item)
-    shutil.copytree(run_path / "executed", stage / "executed", ignore=shutil.ignore_patterns("*.failed.ipynb", ".*"))
-    (stage / "book" / "reproducibility.md").write_text(appendix_markdown(run_path))
-    (stage / "claims.md").write_text(claims_markdown(run_path))
+    skip = shutil.ignore_patterns("*.failed.ipynb", ".*")
     toc = yaml.safe_load((stage / "_toc.yml").read_text())
-    toc["chapters"] = [c for c in toc["chapters"] if (stage / f"{c['file']}.ipynb").is_file() or (stage / f"{c['file']}.md").is_file()]
+    models = read_models(run_path)
+    if models is None:
+        shutil.copytree(run_path / "executed", stage / "executed", ignore=skip)
+        (stage / "book" / "reproducibility.md").write_text(appendix_markdown(run_path))
+        (stage / "claims.md").write_text(claims_markdown(run_path))
+        toc["chapters"] = [c for c in toc["chapters"] if _has_page(stage, c["file"])]
+    else:
+        runs = {folder: run_path / folder for folder in models if (run_path / folder / "executed").is_dir()}
+        for folder, model_run in runs.items():
+            shutil.copytree(model_run / "executed", stage / "executed" / folder, ignore=skip)
+            (stage / "executed" / folder / "reproducibility.md").write_text(appendix_markdown(model_run))
+        (stage / "claims.md").write_text(models_claims_markdown(runs))
+        toc = models_toc(toc, list(runs), lambda file: _has_page(stage, file))
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     html = out / "_build" / "html"
     if html.exists():

@@ -289,6 +289,7 @@ PROVENANCE_06 = provenance("06_performance")
 
 DONE = "_done.json"  # the pipeline's record of a finished stage: fingerprint, parameters, seconds, peak RSS
 STARTED = "_started.json"  # the fingerprint of the run that may have left checkpoints
+MODELS = "models.json"  # in a run covering several models: each model's sub-folder and spec, in the run's order
 
 
 def done_record(run_dir: RunDir, stage: str) -> Path:
@@ -299,6 +300,23 @@ def done_record(run_dir: RunDir, stage: str) -> Path:
 def started_record(run_dir: RunDir, stage: str) -> Path:
     """Where the pipeline records the fingerprint of a started run of ``stage`` (whose checkpoints may resume)."""
     return stage_dir(run_dir, stage) / STARTED
+
+
+def write_models(run_dir: RunDir, models: dict[str, str]) -> Path:
+    """Record that ``run_dir`` covers several models, one run folder each: ``{sub-folder: model spec}``."""
+    return write_json({"models": [{"folder": folder, "spec": spec} for folder, spec in models.items()]},
+                      Path(run_dir) / MODELS)
+
+
+def read_models(run_dir: RunDir) -> dict[str, str] | None:
+    """``{sub-folder: model spec}`` of a run covering several models, or None for a one-model run."""
+    path = Path(run_dir) / MODELS
+    if not path.is_file():
+        return None
+    try:
+        return {m["folder"]: m["spec"] for m in read_json(path)["models"]}
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path} is damaged ({exc!r}): re-run `avss run --models ...` to rewrite it") from exc
 
 
 def all_artifacts() -> list[Artifact]:
