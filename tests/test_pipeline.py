@@ -13,7 +13,7 @@ import pytest
 
 from avss_lib.book import cli
 from avss_lib.core import artifacts
-from avss_lib.core.artifacts import AVSS_SCORES
+from avss_lib.core.artifacts import AVSS_SCORES, write_models
 from avss_lib.core.errors import ConfigError
 from avss_lib.book.pipeline import build_book, load_profile, notebook_parameters, run_pipeline
 
@@ -45,6 +45,26 @@ def test_book_builds_and_renders_in_a_browser(smoke_run, tmp_path):
     problems = check_book(html, screenshot_page="executed/02_avss_ranking.html", screenshot_path=tmp_path / "shot.png")
     assert problems == []
     assert (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@needs_data
+def test_book_of_a_two_model_run_builds_and_renders(smoke_run, tmp_path):
+    """Two models' chapters in one book (here the smoke run twice, as two folders) build without clashes."""
+    run = tmp_path / "run"
+    for folder in ("first", "second"):
+        shutil.copytree(smoke_run, run / folder)
+    write_models(run, {"first": "smollm2-135m-instruct", "second": "smollm2-135m-instruct"})
+    html = build_book(run, tmp_path / "out")
+    for folder in ("first", "second"):
+        for page in ("01_activations", "05_mitigation", "reproducibility"):
+            assert (html / "executed" / folder / f"{page}.html").is_file(), (folder, page)
+    assert not (html / "executed" / "01_activations.html").exists() and (html / "claims.html").is_file()
+    if shutil.which("chromium") is None and not (Path("/usr/bin/chromium").exists()):
+        pytest.skip("chromium is not installed (scripts/install_browser.sh installs it)")
+    from avss_lib.testing.browser_check import check_book
+
+    assert check_book(html, screenshot_page=None) == []
 
 
 def test_profile_errors(tmp_path):
