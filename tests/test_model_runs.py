@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from avss_lib.book import cli
 from avss_lib.book.claims import agreement, models_claims_markdown, models_verdict_table
+from avss_lib.book.model_comparison import (FIGURE, UNINFORMATIVE, avss_profiles, comparison_markdown,
+                                            eavss_layers_side_by_side, removed_layers, retention_side_by_side)
 from avss_lib.book.model_runs import model_folder, model_folders, models_toc, run_models
 from avss_lib.book.pipeline import REPO_ROOT, load_profile
-from avss_lib.core.artifacts import MODELS, read_models, verdict
+from avss_lib.core.artifacts import (AVSS_SCORES, EAVSS_LAYERS, MODELS, PRUNED_SETS, RETENTION, done_record,
+                                     read_models, verdict)
+from avss_lib.core.io import write_json
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.core.verdicts import Condition, Verdict, to_records
 
@@ -50,7 +55,7 @@ def test_run_models_runs_each_model_into_its_folder_and_records_the_list(tmp_pat
 
 def test_book_of_two_models_has_the_study_a_part_per_model_and_the_verdicts():
     toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text())
-    pages = {"book/method", "claims", "book/limitations"} | {
+    pages = {"book/method", "models_compared", "claims", "book/limitations"} | {
         f"executed/{m}/{p}" for m in ("a", "b") for p in ("01_activations", "02_avss_ranking", "reproducibility")}
     pages.add("executed/a/03_pruning")  # model b has not run chapter 03
     assert models_toc(toc, ["a", "b"], pages.__contains__) == {
@@ -60,7 +65,8 @@ def test_book_of_two_models_has_the_study_a_part_per_model_and_the_verdicts():
                                           ("01_activations", "02_avss_ranking", "03_pruning", "reproducibility")]},
             {"caption": "b", "chapters": [{"file": f"executed/b/{p}"} for p in
                                           ("01_activations", "02_avss_ranking", "reproducibility")]},
-            {"caption": "Verdicts", "chapters": [{"file": "claims"}, {"file": "book/limitations"}]}]}
+            {"caption": "Verdicts", "chapters": [{"file": "models_compared"}, {"file": "claims"},
+                                                 {"file": "book/limitations"}]}]}
 
 
 def test_agreement_of_primary_verdicts():
@@ -125,3 +131,38 @@ def test_cli_models_option_runs_each_model_and_builds_one_book(tmp_path, monkeyp
     assert seen["models"] == ["smollm2-135m-instruct", "gemma3-270m"] and "book" not in seen
     with pytest.raises(SystemExit):
         cli.main(["run", "--model", "a", "--models", "b"])
+
+
+def _comparison_run(run, n_layers: int, informative: bool) -> None:
+    layers = list(range(n_layers))
+    AVSS_SCORES.write(pd.DataFrame({"variant": "block_rel", "layer": layers, "variance": 1.0, "sparsity": 0.5,
+                                    "avss": [float(i + 1) for i in layers],
+                                    "avss_norm": [(i + 1) / sum(range(1, n_layers + 1)) for i in layers],
+                                    "undefined": False, "rank": layers}), run)
+    write_json({"parameters": {"primary_variant": "block_rel", "ratio": 0.25}}, done_record(run, "03_pruning"))
+    PRUNED_SETS.write(pd.DataFrame({"method": ["avss:block_rel", "random:0"], "family": ["avss", "random"],
+                                    "ratio": 0.25, "k": 1, "fraction_removed": 0.25, "arbitrary": False,
+                                    "set_id": ["a", "b"], "layers": [[0], [2]]}), run)
+    RETENTION.write(pd.DataFrame({
+        "method": ["unpruned", "avss:block_rel"], "task_key": "sciq", "task": "sciq", "metric": "acc",
+        "value": [0.8, 0.6], "low": 0.5, "high": 0.9, "retention": [100.0, 75.0], "retention_low": 60.0,
+        "retention_high": 90.0, "chance": 0.25, "chance_corrected": [100.0, 63.6], "chance_corrected_low": 40.0,
+        "chance_corrected_high": 85.25, "informative": informative}), run)
+    EAVSS_LAYERS.write({"pooled": [3, 1], "lowest_avss": [0], "site": "block_output", "position": "question_last"}, run)
+
+
+def test_comparison_page_puts_the_models_side_by_side_at_relative_depth(tmp_path):
+    _comparison_run(tmp_path / "a", 4, True)
+    _comparison_run(tmp_path / "b", 8, False)
+    runs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    profiles = avss_profiles(runs)
+    last = profiles.groupby("model").tail(1).set_index("model")
+    assert last["relative depth"].to_dict() == {"a": 1.0, "b": 1.0}
+    assert last["AVSS (÷ max)"].to_dict() == {"a": 1.0, "b": 1.0}
+    assert profiles.set_index(["model", "layer"]).loc[("a", 1), "AVSS (÷ max)"] == pytest.approx(0.5)
+    assert removed_layers(runs).to_dict("records") == [{"method": "avss:block_rel", "a": "0 (of 4)", "b": "0 (of 8)"}]
+    assert retention_side_by_side(runs).to_dict("records") == [
+        {"method": "avss:block_rel", "task": "sciq", "a": "63.6 [40.0, 85.2]", "b": UNINFORMATIVE}]
+    assert eavss_layers_side_by_side(runs)["EAVSS layers (pooled)"].tolist() == ["1, 3 (of 4)", "1, 3 (of 8)"]
+    comparison_markdown(runs, tmp_path)
+    assert (tmp_path / FIGURE).stat().st_size > 5_000

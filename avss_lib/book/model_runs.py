@@ -4,8 +4,9 @@
 sub-folder ``<run_dir>/<folder>/`` (:func:`model_folder`), and records the list in ``<run_dir>/models.json``
 (:func:`avss_lib.core.artifacts.write_models`). The book built from such a run keeps the study's own pages
 (introduction, method, claims, limitations) once and gives each model a part holding its executed chapters and
-its reproducibility appendix; its claims chapter gives one verdict per claim per model and says whether the
-models agree (:func:`avss_lib.book.claims.models_claims_markdown`).
+its reproducibility appendix; a page puts the models side by side (:mod:`avss_lib.book.model_comparison`), and
+the claims chapter gives one verdict per claim per model and says whether the models agree
+(:func:`avss_lib.book.claims.models_claims_markdown`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from avss_lib.core.errors import ConfigError
 
 #: Chapters of the table of contents that a run of several models repeats, once per model.
 PER_MODEL_PAGES = ("book/reproducibility",)
+#: The page that puts the models side by side (:mod:`avss_lib.book.model_comparison`), first among the verdicts.
+COMPARISON_PAGE = "models_compared"
 
 
 def model_folder(spec: str) -> str:
@@ -63,7 +66,8 @@ def models_toc(toc: dict[str, Any], folders: Sequence[str], has_page: Callable[[
     """The table of contents of a book of several models, from the one-model ``toc``.
 
     The pages before the first executed chapter form the part "The study", each model's executed chapters and
-    per-model pages (its reproducibility appendix) a part of their own, and the pages after them "Verdicts";
+    per-model pages (its reproducibility appendix) a part of their own, and the comparison page with the pages
+    after them "Verdicts";
     a page is kept only where ``has_page(file)`` (a model that has not run a chapter leaves it out).
     """
     def per_model(file: str) -> bool:
@@ -72,7 +76,7 @@ def models_toc(toc: dict[str, Any], folders: Sequence[str], has_page: Callable[[
     chapters = [c["file"] for c in toc["chapters"]]
     first = next((i for i, f in enumerate(chapters) if per_model(f)), len(chapters))
     head = [f for f in chapters[:first] if not per_model(f)]
-    tail = [f for f in chapters[first:] if not per_model(f)]
+    tail = [COMPARISON_PAGE, *(f for f in chapters[first:] if not per_model(f))]
     own = [f for f in chapters if per_model(f)]
     parts = [{"caption": "The study", "chapters": [{"file": f} for f in head if has_page(f)]}]
     for folder in folders:

@@ -30,7 +30,8 @@ import yaml
 from avss_lib.core.artifacts import SELF_KEYED, done_record, read_models, started_record
 from avss_lib.core.errors import AvssError, ConfigError
 from avss_lib.book.claims import claims_markdown, models_claims_markdown
-from avss_lib.book.model_runs import models_toc
+from avss_lib.book.model_comparison import comparison_markdown
+from avss_lib.book.model_runs import COMPARISON_PAGE, models_toc
 from avss_lib.core.io import atomic_path, read_json, write_json
 from avss_lib.book.reproducibility import appendix_markdown
 
@@ -342,6 +343,7 @@ def build_book(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[st
             shutil.copytree(model_run / "executed", stage / "executed" / folder, ignore=skip)
             (stage / "executed" / folder / "reproducibility.md").write_text(appendix_markdown(model_run))
         (stage / "claims.md").write_text(models_claims_markdown(runs))
+        (stage / f"{COMPARISON_PAGE}.md").write_text(comparison_markdown(runs, stage))
         toc = models_toc(toc, list(runs), lambda file: _has_page(stage, file))
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     html = out / "_build" / "html"
