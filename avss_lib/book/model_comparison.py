@@ -43,8 +43,9 @@ def avss_profiles(runs: Mapping[str, RunDir]) -> pd.DataFrame:
             continue
         variant, _ = _pruning_parameters(run)
         scores = AVSS_SCORES.read(run)
+        depth_of = max(scores["layer"].nunique() - 1, 1)
         scores = scores[scores["variant"] == variant]
-        depth = scores["layer"] / max(_n_layers(run) - 1, 1)
+        depth = scores["layer"] / depth_of
         share = scores["avss_norm"]  # each layer's share of the model's total; its depth decides its number
         frames.append(pd.DataFrame({"model": model, "variant": variant, "layer": scores["layer"],
                                     "relative depth": depth, "AVSS (÷ max)": share / share.max()}))
@@ -60,7 +61,8 @@ def removed_layers(runs: Mapping[str, RunDir]) -> pd.DataFrame:
         _, ratio = _pruning_parameters(run)
         sets = PRUNED_SETS.read(run)
         sets = sets[(sets["ratio"] == ratio) & (sets["family"] != "random")]
-        columns[model] = {m: f"{layer_list(layers)} (of {_n_layers(run)})" for m, layers in zip(sets["method"], sets["layers"])}
+        n = _n_layers(run)
+        columns[model] = {m: f"{layer_list(layers)} (of {n})" for m, layers in zip(sets["method"], sets["layers"])}
     return pd.DataFrame(columns).rename_axis("method").reset_index() if columns else pd.DataFrame()
 
 
