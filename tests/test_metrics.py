@@ -18,6 +18,7 @@ from avss_lib.core.metrics import (
     expected_calibration_error,
     mc2_score,
     perplexity,
+    averaged_proportion_ci,
     proportion_ci,
     reciprocal_rank,
     reliability_bins,
@@ -140,6 +141,20 @@ def test_proportion_ci_is_wilsons_interval_by_hand() -> None:
         proportion_ci([0.5, 1.0])
     with pytest.raises(ConfigError, match="confidence_level"):
         proportion_ci([0, 1], confidence_level=1.0)
+
+
+def test_averaged_proportion_ci_is_wilsons_interval_on_the_averaged_shares() -> None:
+    # two runs on four questions: shares 1, 1/2, 1/2, 0 -> 2 successes of 4 in Wilson's formula (n = questions)
+    z = 1.959963984540054
+    p, n = 0.5, 4
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert averaged_proportion_ci([1.0, 0.5, 0.5, 0.0]) == pytest.approx((0.5, centre - half, centre + half))
+    assert averaged_proportion_ci([1, 0, 1]) == proportion_ci([1, 0, 1])  # one run: exactly Wilson's
+    value, low, high = averaged_proportion_ci([0.0, 0.0])
+    assert value == low == 0.0 and high == pytest.approx((z * z / 2) / (1 + z * z / 2))  # open at 0
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        averaged_proportion_ci([0.5, 1.5])
 
 
 def test_holm_and_the_bootstrap_p_value_by_hand() -> None:

@@ -515,6 +515,12 @@ def test_arm_table_hand_computed() -> None:
     assert table.loc[("eavss", "hallucination_rate"), "rel_change"] == pytest.approx(-100 * 50 / 75)
     assert table.loc[("random", "accuracy"), "value"] == 50.0 and table.loc[("random", "accuracy"), "n_runs"] == 2
     assert table.loc[("eavss", "ece"), "value"] == pytest.approx(15.0)  # |0.75 - 0.6|
+    # the rates' intervals are Wilson's on the questions' run-averaged shares: random's are 1/2 on every question
+    z2 = 1.959963984540054 ** 2
+    half = (1.959963984540054 / (1 + z2 / 4)) * np.sqrt(0.25 / 4 + z2 / 64)
+    assert table.loc[("random", "accuracy"), ["low", "high"]].tolist() == pytest.approx([100 * (0.5 - half),
+                                                                                         100 * (0.5 + half)])
+    assert table.loc[("random", "hallucination_rate"), "low"] == pytest.approx(100 * (0.5 - half))
 
 
 def test_comparisons_level_and_minimum_effect() -> None:
@@ -616,9 +622,10 @@ def test_tables_format_the_artifacts() -> None:
     pe = _per_example({"base": [[1, 1]], "eavss": [[1, 1]], "random": [[0, 0], [0, 0]]})
     table = oc.arm_table(pe, n_resamples=50)
     shown = tables.results_table(table, "accuracy")
-    assert shown.loc["untouched", "sciq"] == "100.0 [100.0, 100.0]"
-    assert shown.loc["top-k EAVSS", "sciq"] == "100.0 [100.0, 100.0] (+0%)"
-    assert shown.loc["k random", "sciq"] == "0.0 [0.0, 0.0] (-100%)"
+    # Wilson's interval at 2 of 2 and 0 of 2 questions: [34.2, 100] and [0, 65.8], not a point
+    assert shown.loc["untouched", "sciq"] == "100.0 [34.2, 100.0]"
+    assert shown.loc["top-k EAVSS", "sciq"] == "100.0 [34.2, 100.0] (+0%)"
+    assert shown.loc["k random", "sciq"] == "0.0 [0.0, 65.8] (-100%)"
     zero_base = oc.arm_table(_per_example({"base": [[0, 0]], "eavss": [[1, 0]]}), n_resamples=50)
     assert tables.results_table(zero_base, "accuracy").loc["top-k EAVSS", "sciq"].endswith("(+50.0 pt)")
     run_metrics = oc.summarise_runs(pe, n_resamples=50)

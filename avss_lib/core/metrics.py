@@ -5,7 +5,8 @@ Conventions:
 - Confidence intervals are 95% bootstrap intervals from :func:`scipy.stats.bootstrap` with a fixed seed
   (percentile method by default: it needs no jackknife, so it stays cheap on 10k-example sets), except for a
   proportion of successes (accuracy, exact match), whose interval is Wilson's score interval
-  (:func:`proportion_ci`, statsmodels): it does not collapse to a point at 0 or n successes. Every interval is
+  (:func:`proportion_ci`, statsmodels; :func:`averaged_proportion_ci` for a share averaged over runs): it does not
+  collapse to a point at 0 or n successes. Every interval is
   returned as ``(value, low, high)`` where ``value`` is the statistic on the full sample.
 - ECE is torchmetrics' :func:`~torchmetrics.functional.classification.binary_calibration_error` applied to
   (top-choice confidence, was-the-top-choice-correct): 15 equal-width bins on [0, 1], L1 norm, i.e. the
@@ -61,9 +62,20 @@ def proportion_ci(successes: ArrayLike, *, confidence_level: float = 0.95) -> CI
     x = _as_1d(successes, "successes")
     if not np.isin(x, (0, 1)).all():
         raise ConfigError("a proportion needs 0/1 (False/True) values; use bootstrap_ci for a continuous metric")
+    return averaged_proportion_ci(x, confidence_level=confidence_level)
+
+
+def averaged_proportion_ci(shares: ArrayLike, *, confidence_level: float = 0.95) -> CI:
+    """Mean of per-example shares in [0, 1] — an example's successes averaged over several runs, or 0/1 for one
+    run — with Wilson's score interval at n = the number of examples (for 0/1 values exactly
+    :func:`proportion_ci`). The examples are the unit: the spread between runs is not in this interval (the
+    paired comparisons of :mod:`avss_lib.mitigation.outcomes` resample runs as well)."""
+    x = _as_1d(shares, "shares")
+    if ((x < 0) | (x > 1)).any():
+        raise ConfigError("shares must lie in [0, 1]: one value per example, its share of successful runs")
     if not 0 < confidence_level < 1:
         raise ConfigError(f"confidence_level={confidence_level} must lie in (0, 1)")
-    k, n = int(x.sum()), len(x)
+    k, n = float(x.sum()), len(x)
     low, high = proportion_confint(k, n, alpha=1 - confidence_level, method="wilson")
     # at k = 0 or n statsmodels' bound lands a rounding error (~1e-18) beyond the estimate: keep it contained
     return k / n, min(float(low), k / n), max(float(high), k / n)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.metrics import bootstrap_ci, bootstrap_statistic_ci, expected_calibration_error
+from avss_lib.core.metrics import averaged_proportion_ci, bootstrap_statistic_ci, expected_calibration_error
 from avss_lib.core.resampling import CI, Resamples, paired_resamples, percentile_interval
 from avss_lib.mitigation.arms import ARMS
 
@@ -46,8 +46,17 @@ def metric_value(metric: str, correct: np.ndarray, confidence: np.ndarray) -> fl
     raise ConfigError(f"unknown metric {metric!r}: choose one of {METRICS}")
 
 
+def rate_ci(shares: np.ndarray) -> CI:
+    """A rate in % (accuracy, hallucination rate) over the examples, each example's share averaged over an arm's
+    runs, with Wilson's 95% interval (:func:`avss_lib.core.metrics.averaged_proportion_ci`): it stays open at 0%
+    and 100%, where a bootstrap interval collapses to a point."""
+    value, low, high = averaged_proportion_ci(np.asarray(shares, dtype=float))
+    return 100 * value, 100 * low, 100 * high
+
+
 def summarise_runs(per_example: pd.DataFrame, *, seed: int = 0, n_resamples: int = 1000) -> pd.DataFrame:
-    """Per run and data set: accuracy, hallucination rate and ECE (%), each with a 95% bootstrap CI.
+    """Per run and data set: accuracy and hallucination rate (%) with Wilson's 95% interval (:func:`rate_ci`), and
+    ECE (%) with a 95% bootstrap interval.
 
     Also ``alias_hallucination_rate`` for open QA (wrong under alias containment).
     """
@@ -55,13 +64,11 @@ def summarise_runs(per_example: pd.DataFrame, *, seed: int = 0, n_resamples: int
     for (run_id, arm, dataset), g in per_example.groupby(["run_id", "arm", "dataset"], sort=False):
         correct = g["correct"].to_numpy(dtype=float)
         conf = g["confidence"].to_numpy(dtype=float)
-        cis = {"accuracy": tuple(100 * v for v in bootstrap_ci(correct, seed=seed)),
-               "hallucination_rate": tuple(100 * v for v in bootstrap_ci(1 - correct, seed=seed)),
+        cis = {"accuracy": rate_ci(correct), "hallucination_rate": rate_ci(1 - correct),
                "ece": bootstrap_statistic_ci([conf, correct], expected_calibration_error, seed=seed,
                                              n_resamples=n_resamples)}
         if g["alias_containment"].notna().all():
-            cis["alias_hallucination_rate"] = tuple(
-                100 * v for v in bootstrap_ci(1 - g["alias_containment"].to_numpy(dtype=float), seed=seed))
+            cis["alias_hallucination_rate"] = rate_ci(1 - g["alias_containment"].to_numpy(dtype=float))
         for metric, (value, low, high) in cis.items():
             rows.append({"run_id": run_id, "arm": arm, "dataset": dataset, "metric": metric, "value": value,
                          "low": low, "high": high, "n": len(g)})
@@ -124,7 +131,8 @@ def arms_present(per_example: pd.DataFrame) -> list[str]:
 
 def arm_table(per_example: pd.DataFrame, metrics: Sequence[str] = METRICS, *, seed: int = 0,
               n_resamples: int = 1000) -> pd.DataFrame:
-    """Per arm, data set and metric: value (mean over the arm's runs) with a 95% CI, and the change from ``base``.
+    """Per arm, data set and metric: value (mean over the arm's runs) with a 95% CI (Wilson's for the rates,
+    :func:`rate_ci`; a bootstrap over the examples for ECE), and the change from ``base``.
 
     ``rel_change`` is ``(value − base) / base`` in %; ``diff_low``/``diff_high`` bound ``value − base`` by the
     paired bootstrap (NaN for the base arm or when there is no base arm). The ``ARM_METRICS`` artifact.
@@ -136,10 +144,14 @@ def arm_table(per_example: pd.DataFrame, metrics: Sequence[str] = METRICS, *, se
         for arm in arms_present(per_example):
             correct, conf = arm_matrices(per_example, arm, dataset, ids)
             for metric in metrics:
-                value, low, high = bootstrap_statistic_ci(
-                    [np.arange(len(ids), dtype=float)],
-                    lambda idx, c=correct, f=conf, m=metric: arm_metric(c[idx.astype(int)], f[idx.astype(int)], m),
-                    n_resamples=n_resamples, seed=seed)
+                if metric in ("accuracy", "hallucination_rate"):
+                    shares = correct.mean(axis=1)
+                    value, low, high = rate_ci(shares if metric == "accuracy" else 1 - shares)
+                else:
+                    value, low, high = bootstrap_statistic_ci(
+                        [np.arange(len(ids), dtype=float)],
+                        lambda idx, c=correct, f=conf, m=metric: arm_metric(c[idx.astype(int)], f[idx.astype(int)], m),
+                        n_resamples=n_resamples, seed=seed)
                 row = {"arm": arm, "dataset": dataset, "metric": metric, "value": value, "low": low, "high": high,
                        "n": len(ids), "n_runs": correct.shape[1], "diff": np.nan, "diff_low": np.nan,
                        "diff_high": np.nan, "rel_change": np.nan}
