@@ -11,10 +11,11 @@ import yaml
 from avss_lib.book import cli
 from avss_lib.book.claims import agreement, models_claims_markdown, models_verdict_table
 from avss_lib.book.model_comparison import (FIGURE, UNINFORMATIVE, avss_profiles, comparison_markdown,
-                                            eavss_layers_side_by_side, removed_layers, retention_side_by_side)
+                                            eavss_layers_side_by_side, mitigation_side_by_side, removed_layers,
+                                            retention_side_by_side)
 from avss_lib.book.model_runs import model_folder, model_folders, models_toc, run_models
 from avss_lib.book.pipeline import REPO_ROOT, load_profile
-from avss_lib.core.artifacts import (AVSS_SCORES, EAVSS_LAYERS, MODELS, PRUNED_SETS, RETENTION, done_record,
+from avss_lib.core.artifacts import (AVSS_SCORES, E2_PRIMARY, EAVSS_LAYERS, MODELS, PRUNED_SETS, RETENTION, done_record,
                                      read_models, verdict)
 from avss_lib.core.io import write_json
 from avss_lib.core.errors import ConfigError, DataError
@@ -149,6 +150,11 @@ def _comparison_run(run, n_layers: int, informative: bool) -> None:
         "retention_high": 90.0, "chance": 0.25, "chance_corrected": [100.0, 63.6], "chance_corrected_low": 40.0,
         "chance_corrected_high": 85.25, "informative": informative}), run)
     EAVSS_LAYERS.write({"pooled": [3, 1], "lowest_avss": [0], "site": "block_output", "position": "question_last"}, run)
+    E2_PRIMARY.write(pd.DataFrame({
+        "metric": ["accuracy", "accuracy", "ece"], "other": ["base", "random", "base"], "value": [40.0, 40.0, 20.0],
+        "value_low": 30.0, "value_high": 50.0, "other_value": [35.0, 38.0, 25.0], "other_low": 25.0,
+        "other_high": 45.0, "diff": [5.0, 2.0, -5.0], "low": [1.0, -2.0, -9.0], "high": [9.0, 6.0, -1.0],
+        "rel_change": [14.3, 5.3, -20.0], "se": 2.0, "mde": [12.0, 14.0, 6.0], "n": 100}), run)
 
 
 def test_comparison_page_puts_the_models_side_by_side_at_relative_depth(tmp_path):
@@ -164,5 +170,13 @@ def test_comparison_page_puts_the_models_side_by_side_at_relative_depth(tmp_path
     assert retention_side_by_side(runs).to_dict("records") == [
         {"method": "avss:block_rel", "task": "sciq", "a": "63.6 [40.0, 85.2]", "b": UNINFORMATIVE}]
     assert eavss_layers_side_by_side(runs)["EAVSS layers (pooled)"].tolist() == ["1, 3 (of 4)", "1, 3 (of 8)"]
-    comparison_markdown(runs, tmp_path)
+    mitigation = mitigation_side_by_side(runs).set_index(["model", "metric"])
+    assert mitigation.loc[("a", "accuracy")].to_dict() == {
+        "EAVSS arm": "40.0 [30.0, 50.0]", "untouched": "35.0 [25.0, 45.0]", "EAVSS − untouched": "+5.0 [+1.0, +9.0]",
+        "MDE vs untouched": "12.0", "random layers": "38.0 [25.0, 45.0]", "EAVSS − random layers": "+2.0 [-2.0, +6.0]",
+        "MDE vs random layers": "14.0"}
+    assert mitigation.loc[("b", "ece"), "EAVSS − untouched"] == "-5.0 [-9.0, -1.0]"
+    assert pd.isna(mitigation.loc[("b", "ece"), "random layers"])  # no random arm for ECE in this run
+    page = comparison_markdown(runs, tmp_path)
+    assert "## Mitigation, pooled over the data sets (%)" in page and "+5.0 [+1.0, +9.0]" in page
     assert (tmp_path / FIGURE).stat().st_size > 5_000

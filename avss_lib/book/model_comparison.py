@@ -3,7 +3,8 @@
 Layers are compared at *relative depth* (layer index ÷ (layers − 1)), since the models differ in depth. The page
 holds the AVSS profile over depth of each model (a figure), the layers each pruning method removes at the
 chapter's ratio, the chance-corrected retention of the primary AVSS variant and of the baselines on every task,
-and the EAVSS layers chapter 04 hands to chapter 05. Each model's chapters hold the evidence behind each number.
+the EAVSS layers chapter 04 hands to chapter 05, and chapter 05's mitigation arms pooled over the data sets (claim E2's
+primary analysis). Each model's chapters hold the evidence behind each number.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from avss_lib.core.artifacts import AVSS_SCORES, EAVSS_LAYERS, PRUNED_SETS, RETENTION, RunDir, done_record
+from avss_lib.core.artifacts import (AVSS_SCORES, E2_PRIMARY, EAVSS_LAYERS, PRUNED_SETS, RETENTION, RunDir,
+                                    done_record)
 from avss_lib.core.formatting import interval, layer_list
 from avss_lib.core.io import read_json
 
@@ -99,6 +101,28 @@ def eavss_layers_side_by_side(runs: Mapping[str, RunDir]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mitigation_side_by_side(runs: Mapping[str, RunDir]) -> pd.DataFrame:
+    """Claim E2's primary analysis per model (chapter 05's ``E2_PRIMARY``): the pooled accuracy and ECE (%) of the
+    EAVSS arm, the untouched model and the random-layer arm with 95% intervals, EAVSS's difference from each, and
+    the minimum detectable difference at the run's sizes."""
+    rows = []
+    for model, run in runs.items():
+        if not E2_PRIMARY.exists(run):
+            continue
+        primary = E2_PRIMARY.read(run)
+        for metric, g in primary.groupby("metric", sort=False):
+            row: dict[str, object] = {"model": model, "metric": metric}
+            for i, r in enumerate(g.itertuples()):
+                if i == 0:
+                    row["EAVSS arm"] = interval(r.value, r.value_low, r.value_high, "{:.1f}")
+                name = "untouched" if r.other == "base" else f"{r.other} layers"
+                row[name] = interval(r.other_value, r.other_low, r.other_high, "{:.1f}")
+                row[f"EAVSS − {name}"] = interval(r.diff, r.low, r.high, "{:+.1f}")
+                row[f"MDE vs {name}"] = f"{r.mde:.1f}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def comparison_markdown(runs: Mapping[str, RunDir], stage: str | os.PathLike[str]) -> str:
     """The comparison page as MyST Markdown; its figure is written beside it in ``stage``."""
     parts = ["# The models side by side",
@@ -121,7 +145,11 @@ def comparison_markdown(runs: Mapping[str, RunDir], stage: str | os.PathLike[str
             ("Retention, chance-corrected (%)", retention_side_by_side(runs),
              "Point estimate and 95% paired-bootstrap interval; 100 means the unpruned score, 0 chance."),
             ("Hallucination-prone layers", eavss_layers_side_by_side(runs),
-             "The layers chapter 04 selects on its selection half of the questions, which chapter 05 trains.")):
+             "The layers chapter 04 selects on its selection half of the questions, which chapter 05 trains."),
+            ("Mitigation, pooled over the data sets (%)", mitigation_side_by_side(runs),
+             "Claim E2's primary analysis on each model's evaluation half: point estimate and 95% interval; "
+             "a difference is EAVSS minus the other arm (higher accuracy and lower ECE are better); MDE is the "
+             "smallest difference the run could detect with 80% power at the rule's level.")):
         if not table.empty:
             parts += [f"## {title}", note, table.to_markdown(index=False)]
     return "\n\n".join(parts) + "\n"
