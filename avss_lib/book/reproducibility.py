@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from avss_lib.core.artifacts import PROVENANCE_01, STAGES, done_record, stage_dir
+from avss_lib.core.artifacts import PROVENANCE_01, STAGES, finished_stages, stage_dir
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "accelerate", "datasets", "numpy", "pandas",
             "pyarrow", "scipy", "scikit-learn", "torchmetrics", "matplotlib", "seaborn", "papermill", "jupyter-book",
@@ -67,18 +67,9 @@ def data_files(run_dir: Path) -> pd.DataFrame:
 
 def notebook_runs(run_dir: Path) -> pd.DataFrame:
     """Wall time, peak memory and finish time of every executed notebook."""
-    rows = []
-    for done in _done_records(run_dir):
-        d = json.loads(done.read_text())
-        rows.append({"notebook": done.parent.name, "wall time (s)": round(d["seconds"], 1),
-                     "peak RSS (MiB)": round(d["peak_rss_mib"]) if "peak_rss_mib" in d else "not recorded",
-                     "finished": d["finished"]})
-    return pd.DataFrame(rows)
-
-
-def _done_records(run_dir: Path) -> list[Path]:
-    """The pipeline's finished-stage records of the run, in stage order."""
-    return [p for stage in STAGES if (p := done_record(run_dir, stage)).is_file()]
+    return pd.DataFrame([{"notebook": stage, "wall time (s)": round(d["seconds"], 1),
+                          "peak RSS (MiB)": round(d["peak_rss_mib"]) if "peak_rss_mib" in d else "not recorded",
+                          "finished": d["finished"]} for stage, d in finished_stages(run_dir).items()])
 
 
 #: The parity benchmark's committed record (``benchmarks/lm_eval_parity.py``).
@@ -132,8 +123,8 @@ def appendix_markdown(run_dir: Path) -> str:
         "## Parameters of every notebook",
     ]
     parts[-1:-1] = parity_section()
-    for done in _done_records(run_dir):
-        params = json.loads(done.read_text())["parameters"]
-        parts.append(f"### {done.parent.name}")
+    for stage, done in finished_stages(run_dir).items():
+        params = done["parameters"]
+        parts.append(f"### {stage}")
         parts.append(_table(pd.DataFrame([{"parameter": k, "value": f"`{json.dumps(v)}`"} for k, v in params.items()])))
     return "\n\n".join(parts) + "\n"

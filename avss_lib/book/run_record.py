@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from avss_lib.book.reproducibility import PACKAGES, package_version
-from avss_lib.core.artifacts import PROVENANCE_01, STAGES, RunDir, done_record, verdict
+from avss_lib.core.artifacts import PROVENANCE_01, STAGES, RunDir, finished_stages, verdict
 from avss_lib.core.errors import DataError
-from avss_lib.core.io import read_json, write_json
+from avss_lib.core.io import write_json
 
 
 def current_commit() -> str | None:
@@ -39,13 +39,8 @@ def current_commit() -> str | None:
 def run_record(run_dir: RunDir, *, what: str, seconds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The record of the finished notebooks of ``run_dir`` (raises :class:`DataError` when none finished)."""
     run_dir = Path(run_dir)
-    notebooks = {}
-    for stage in STAGES:
-        done = done_record(run_dir, stage)
-        if done.is_file():
-            d = read_json(done)
-            notebooks[stage] = {"seconds": round(d["seconds"], 1), "peak_rss_mib": round(d["peak_rss_mib"]),
-                                "finished": d["finished"]}
+    notebooks = {stage: {"seconds": round(d["seconds"], 1), "peak_rss_mib": round(d["peak_rss_mib"]),
+                         "finished": d["finished"]} for stage, d in finished_stages(run_dir).items()}
     if not notebooks:
         raise DataError(f"{run_dir} holds no finished notebook: run `avss run --run-dir {run_dir}` first")
     return {

@@ -297,6 +297,12 @@ def done_record(run_dir: RunDir, stage: str) -> Path:
     return stage_dir(run_dir, stage) / DONE
 
 
+def finished_stages(run_dir: RunDir) -> dict[str, dict[str, Any]]:
+    """Each finished stage's record (:func:`done_record`: parameters, seconds, peak memory, finish time), in stage
+    order; stages that have not finished are absent."""
+    return {stage: read_json(path) for stage in STAGES if (path := done_record(run_dir, stage)).is_file()}
+
+
 def started_record(run_dir: RunDir, stage: str) -> Path:
     """Where the pipeline records the fingerprint of a started run of ``stage`` (whose checkpoints may resume)."""
     return stage_dir(run_dir, stage) / STARTED
