@@ -59,6 +59,54 @@ def test_loglikelihood_batched_equals_unbatched_and_manual(tok: PreTrainedTokeni
     assert batched[1] == batched[4]
 
 
+PRIMER = "Q: What colour is a clear sky?\nA: Blue.\n\nQ: "
+SHARED = [(PRIMER + q + "\nA:", c) for q in ("How many legs has a cat?", "What is two and two?", "Name a planet.")
+          for c in (" Four.", " Five and six.", " Mars.", " I have no comment.")]
+LONG_TAILS = [("Q: hi?\nA:", " " + "a long answer sentence that dwarfs its short question " * k) for k in (1, 2)]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "gpt_neox", "opt", "gemma3_text"])
+def test_shared_context_scores_equal_one_forward_per_request(tok: PreTrainedTokenizerFast, model_type: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(model_type, n_layers=3, seed=5)
+    if model_type == "gemma3_text":
+        model.config.sliding_window = 512  # the tiny config's window of 4 would send every chunk down the plain path
+    shared_rows = []
+    score_shared = ev._score_shared
+    monkeypatch.setattr(ev, "_score_shared", lambda m, batch, *a: shared_rows.extend(
+        len(reqs) for _, reqs in batch) or score_shared(m, batch, *a))
+    requests = SHARED + LONG_TAILS + REQUESTS
+    shared = ev.loglikelihood(model, tok, requests, batch_size=2)
+    plain = ev.loglikelihood(model, tok, requests, batch_size=2, share_context=False)
+    assert sorted(shared_rows) == [4, 4, 4]  # the three questions' choices; the long answers and the rest go plain
+    for a, b in zip(shared, plain):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert (a.is_greedy, a.n_tokens) == (b.is_greedy, b.n_tokens)
+    add_bos = model_type == "gemma3_text"
+    context, continuation = SHARED[5]
+    assert shared[5].logprob == pytest.approx(manual_logprob(model, *ev.encode_pair(tok, context, continuation,
+                                                                                    add_bos=add_bos)), abs=1e-4)
+
+
+def test_shared_context_takes_the_common_prefix_once_and_respects_a_sliding_window(
+        tok: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch) -> None:
+    contexts = [tuple(ids(tok, PRIMER + q)) for q in ("a?", "bc?", "de?")]
+    assert ev._common_prefix(contexts) == tuple(ids(tok, PRIMER))  # one token per character here
+    assert ev._common_prefix(contexts[:1]) == () and ev._common_prefix([(1, 2, 3), (1, 2, 4)]) == ()  # < 8 tokens
+    encoded = [([0] * 10 + [1], [1]), ([0] * 10 + [2], [2]), ([5] + [3] * 30, [3] * 30), ([5] + [4] * 30, [4] * 30)]
+    assert ev._worth_sharing(tuple([0] * 10), [0, 1], encoded)  # 10 context tokens saved, 2 continuation tokens
+    assert not ev._worth_sharing((5,), [2, 3], encoded) and not ev._worth_sharing((), [0, 1], encoded)
+    prefixes = []
+    prefix_cache = ev._prefix_cache
+    monkeypatch.setattr(ev, "_prefix_cache", lambda m, p: prefixes.append(len(p)) or prefix_cache(m, p))
+    ev.loglikelihood(tiny_model("llama", n_layers=2, seed=1), tok, SHARED, batch_size=2)
+    assert prefixes == [len(ids(tok, PRIMER))]  # the primer, computed once for the call's two chunks
+    gemma = tiny_model("gemma3_text", n_layers=2, seed=1)  # sliding window 4: every chunk is too wide to share
+    windowed = ev.loglikelihood(gemma, tok, SHARED, batch_size=4)
+    assert windowed == ev.loglikelihood(gemma, tok, SHARED, batch_size=4, share_context=False)
+    assert prefixes == [len(ids(tok, PRIMER))]  # nothing shared, so no prefix computed
+
+
 def test_encode_pair_moves_trailing_space_and_handles_empty_context(tok: PreTrainedTokenizerFast) -> None:
     context, continuation = ev.encode_pair(tok, "Answer: ", "yes")
     assert context == ids(tok, "Answer:") and continuation == ids(tok, " yes")

@@ -5,7 +5,8 @@
   once and the continuation tokens are what follows the context's tokens; no special tokens are added
   except a BOS (``add_bos``, default on for Gemma only, as the harness does). Requests are deduplicated,
   sorted by length and scored in right-padded batches under an attention mask; padding never changes a
-  score. Inputs longer than ``max_length`` are cut from the left.
+  score. Inputs longer than ``max_length`` are cut from the left. Unlike the harness, a context shared by
+  several choices (and a prefix shared by every context) is run once and its KV cache reused.
 - :func:`score_multiple_choice` — the log-likelihood of ``" " + choice`` after each context.
 - :func:`generate_until` — greedy decoding in left-padded batches, cut at the first stop string. The
   confidence of an answer is its length-normalised sequence probability: ``exp`` of the mean log-prob
@@ -18,9 +19,11 @@ The benchmark tasks built on them are in :mod:`avss_lib.core.tasks`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +38,7 @@ from avss_lib.core.errors import ConfigError
 QA_STOP: tuple[str, ...] = ("\n", ".", ",")
 DEFAULT_MAX_NEW_TOKENS = 24
 DEFAULT_PPL_MAX_LENGTH = 1024
+MIN_SHARED_PREFIX = 8  # tokens: a shorter prefix common to a call's contexts is not worth its own forward
 
 
 @dataclass(frozen=True)
@@ -134,21 +138,162 @@ def loglikelihood(
     batch_size: int = 8,
     max_length: int | None = None,
     add_bos: bool | None = None,
+    share_context: bool = True,
     desc: str = "loglikelihood",
 ) -> list[LoglikResult]:
-    """Score each (context, continuation) request; identical requests are computed once."""
+    """Score each (context, continuation) request; identical requests are computed once.
+
+    With ``share_context`` (the default) a distinct context whose continuations are short beside it
+    (:func:`_worth_sharing`) is run once and its keys and values serve all of its continuations, and the token
+    prefix that all those contexts start with (e.g. TruthfulQA's six-shot primer) is run once for the whole call
+    (:func:`_score_shared`): the same scores as one forward per request (``share_context=False``) up to float
+    round-off, at a fraction of the cost when choices share a long context.
+    """
     max_length = max_length or model_max_length(model)
     add_bos = default_add_bos(model) if add_bos is None else add_bos
     unique = list(dict.fromkeys(requests))
     encoded = [_window(*encode_pair(tokenizer, c, x, add_bos=add_bos), max_length) for c, x in unique]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     scored: dict[int, LoglikResult] = {}
     pad = pad_id(tokenizer)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (inp, cont) in enumerate(encoded):
+        groups.setdefault(tuple(inp[: len(inp) - len(cont)]), []).append(i)  # the tokens before the first scored one
+    plain = [i for context, idx in groups.items() if not (share_context and _worth_sharing(context, idx, encoded))
+             for i in idx]
+    groups = {context: idx for context, idx in groups.items() if share_context and _worth_sharing(context, idx, encoded)}
+    if groups:
+        contexts = sorted(groups, key=len, reverse=True)
+        common = _common_prefix(contexts)
+        base = None
+        chunks = _context_chunks(contexts, groups, batch_size)
+        for chunk in tqdm(chunks, desc=desc, disable=len(chunks) <= 1):
+            batch = [(context, [encoded[i] for i in groups[context]]) for context in chunk]
+            if _fits_window(model, batch):
+                if common and base is None:
+                    base = _prefix_cache(model, common)
+                for context, results in zip(chunk, _score_shared(model, batch, pad, common, base, 4 * batch_size)):
+                    scored.update(zip(groups[context], results))
+            else:
+                plain += [i for context in chunk for i in groups[context]]
+    order = sorted(plain, key=lambda i: -len(encoded[i][0]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=len(order) <= batch_size):
         idx = order[start:start + batch_size]
         scored.update(zip(idx, _score_batch(model, [encoded[i] for i in idx], pad)))
     position = {request: i for i, request in enumerate(unique)}
     return [scored[position[r]] for r in requests]
+
+
+def _worth_sharing(context: tuple[int, ...], idx: Sequence[int], encoded: Sequence[tuple[list[int], list[int]]]
+                   ) -> bool:
+    """Whether running ``context`` once for its continuations saves more tokens than its continuations hold (a
+    second forward costs about that much): e.g. SciQ's and TruthfulQA's choices after a long context, not
+    WikiQA's long answer sentences after a short question."""
+    return bool(context) and (len(idx) - 1) * len(context) >= sum(len(encoded[i][1]) for i in idx)
+
+
+def _common_prefix(contexts: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The longest token prefix of every context that leaves each at least one token of its own (empty for one
+    context or fewer than :data:`MIN_SHARED_PREFIX` tokens in common)."""
+    if len(contexts) < 2:
+        return ()
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        n = next((k for k in range(n) if c[k] != first[k]), n)
+    return first[:n] if n >= MIN_SHARED_PREFIX else ()
+
+
+def _context_chunks(contexts: Sequence[tuple[int, ...]], groups: dict[tuple[int, ...], list[int]], batch_size: int
+                    ) -> list[list[tuple[int, ...]]]:
+    """Consecutive contexts, at most ``batch_size`` of them and ``4 × batch_size`` continuations per chunk (a
+    context with more continuations is a chunk of its own)."""
+    chunks: list[list[tuple[int, ...]]] = []
+    rows = 0
+    for context in contexts:
+        n = len(groups[context])
+        if chunks and len(chunks[-1]) < batch_size and rows + n <= 4 * batch_size:
+            chunks[-1].append(context)
+            rows += n
+        else:
+            chunks.append([context])
+            rows = n
+    return chunks
+
+
+def _fits_window(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[tuple[list[int], list[int]]]]]) -> bool:
+    """Whether the padded context and continuations fit inside the model's sliding attention window (Gemma-3's
+    local layers), where a padded position would count against the window: otherwise the chunk is scored plainly."""
+    window = getattr(model.config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return True
+    width = max(len(c) for c, _ in batch) + max(len(cont) for _, reqs in batch for _, cont in reqs)
+    return width < window
+
+
+@torch.inference_mode()
+def _prefix_cache(model: nn.Module, prefix: Sequence[int]) -> Any:
+    """Keys and values of ``prefix`` (one row), to be copied into every context batch of a call."""
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=model_device(model))
+    return _forward(model, ids, torch.ones_like(ids), keep=1).past_key_values
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep: int | None = None,
+             **kwargs: Any) -> Any:
+    """``model(...)`` with a KV cache, computing logits only for the last ``keep`` positions where supported."""
+    if keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = keep
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+
+
+@torch.inference_mode()
+def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[tuple[list[int], list[int]]]]],
+                  pad_id: int, common: tuple[int, ...], base: Any, max_rows: int) -> list[list[LoglikResult]]:
+    """Score the continuations of a chunk of contexts: one forward over the (right-padded) contexts after the
+    common prefix, whose cache ``base`` it extends, then one over every continuation's scored positions (its
+    context's last token and all but the last continuation token) on its context's cache, in batches of at most
+    ``max_rows`` continuations of like length."""
+    device = model_device(model)
+    rests = [list(context[len(common):]) for context, _ in batch]
+    ids, mask = pad_batch(rests, pad_id, left=False)
+    if base is not None:
+        past = _cache_rows(base, torch.zeros(len(batch), dtype=torch.long, device=device))
+        mask = torch.cat([torch.ones((len(batch), len(common)), dtype=torch.long), mask], dim=1)
+        cache = _forward(model, ids.to(device), mask.to(device), keep=1, past_key_values=past).past_key_values
+    else:
+        cache = _forward(model, ids.to(device), mask.to(device), keep=1).past_key_values
+    rows = [(g, inp[len(inp) - len(cont):], cont) for g, (_, requests) in enumerate(batch) for inp, cont in requests]
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))  # continuations of like length together
+    results: list[list[LoglikResult | None]] = [[None] * len(requests) for _, requests in batch]
+    slot = [(g, j) for g, (_, requests) in enumerate(batch) for j in range(len(requests))]
+    for start in range(0, len(order), max_rows):
+        part = [rows[r] for r in order[start:start + max_rows]]
+        index = torch.tensor([g for g, _, _ in part], dtype=torch.long)
+        tails, tail_mask = pad_batch([tail for _, tail, _ in part], pad_id, left=False)
+        lengths = torch.tensor([len(common) + len(rests[g]) for g, _, _ in part], dtype=torch.long)
+        positions = lengths[:, None] + torch.arange(tails.shape[1])[None, :]
+        logits = model(input_ids=tails.to(device), attention_mask=torch.cat([mask[index], tail_mask], dim=1).to(device),
+                       position_ids=positions.to(device), past_key_values=_cache_rows(cache, index.to(device)),
+                       use_cache=True).logits
+        for k, r in enumerate(order[start:start + max_rows]):
+            g, j = slot[r]
+            results[g][j] = _continuation_result(logits[k, : len(rows[r][2])], rows[r][2])
+    return results  # type: ignore[return-value]
+
+
+def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
+    """A cache holding rows ``index`` of ``cache`` (repeats allowed), leaving ``cache`` as it was: each layer is a
+    shallow copy whose key and value tensors are re-indexed."""
+    rows = copy.copy(cache)
+    rows.layers = [copy.copy(layer) for layer in cache.layers]
+    rows.batch_select_indices(index)
+    return rows
+
+
+def _continuation_result(logits: torch.Tensor, continuation: Sequence[int]) -> LoglikResult:
+    """Summed log-probability and greedy flag of ``continuation`` from the logits that predict its tokens."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(list(continuation), device=logits.device)
+    token_logp = logp.gather(-1, target[:, None]).squeeze(-1)
+    return LoglikResult(float(token_logp.sum()), bool((logp.argmax(-1) == target).all()), len(continuation))
 
 
 def _window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -176,14 +321,8 @@ def _score_batch(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad
     device = model_device(model)
     first = min(len(inp) - len(cont) for inp, cont in batch)
     logits, offset = logits_from(model, input_ids.to(device), attention_mask.to(device), first)
-    results = []
-    for b, (inp, cont) in enumerate(batch):
-        logp = F.log_softmax(logits[b, len(inp) - len(cont) - offset: len(inp) - offset].float(), dim=-1)
-        target = torch.tensor(cont, device=device)
-        token_logp = logp.gather(-1, target[:, None]).squeeze(-1)
-        greedy = bool((logp.argmax(-1) == target).all())
-        results.append(LoglikResult(float(token_logp.sum()), greedy, len(cont)))
-    return results
+    return [_continuation_result(logits[b, len(inp) - len(cont) - offset: len(inp) - offset], cont)
+            for b, (inp, cont) in enumerate(batch)]
 
 
 # ------------------------------------------------------------------------------------ generation

@@ -31,14 +31,12 @@ from avss_lib.core.io import atomic_path
 from avss_lib.core.layer_removal import remove_layers
 from avss_lib.core.tasks import TaskResult, evaluate_task
 from avss_lib.pruning.plan import BASE_SET
-from avss_lib.pruning.shared_prefix import SharedPrefixLM, truthfulqa_prefix_ids
 from avss_lib.pruning.tasks import PRIMARY_METRIC, TaskSpec
 
 #: The modules whose source decides a pruned set's scores (part of every checkpoint's key).
 SCORING_MODULES: tuple[str, ...] = ("core/activation_stats.py", "core/answer_matching.py", "core/benchmarks.py",
                                     "core/harness.py", "core/layer_removal.py", "core/layers.py", "core/metrics.py",
-                                    "core/tasks.py", "pruning/evaluate.py", "pruning/shared_prefix.py",
-                                    "pruning/tasks.py")
+                                    "core/tasks.py", "pruning/evaluate.py", "pruning/tasks.py")
 
 
 def scoring_code_digest() -> str:
@@ -92,23 +90,22 @@ def primary_values(result: TaskResult) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[int]],
                   needs: Mapping[str, Sequence[str]], tasks: Mapping[str, tuple[TaskSpec, Benchmark]], *,
-                  batch_size: int = 8, seed: int = 0, share_prefix: bool = True, checkpoint_dir: Path | None = None,
+                  batch_size: int = 8, seed: int = 0, checkpoint_dir: Path | None = None,
                   log: Any = None) -> Evaluations:
     """Evaluate each set (``set_id -> layers``; ``[]`` = unpruned) on the task keys ``needs[set_id]``.
 
     Each set is removed once (a deep copy) and freed after its tasks. ``tasks``: ``task_key -> (spec,
-    benchmark)``. ``share_prefix`` runs TruthfulQA-MC on a :class:`SharedPrefixLM`. With ``checkpoint_dir`` each
+    benchmark)``. With ``checkpoint_dir`` each
     finished set is saved there (atomically, under a key of everything that determines its results) and a
     re-run after an interruption loads it instead of recomputing; an unreadable checkpoint is recomputed.
     ``log``: a callable given one progress line per set.
     """
     out = Evaluations()
-    prefix = truthfulqa_prefix_ids(tokenizer) if share_prefix else None
     for sid, layers in sets.items():
         keys = list(dict.fromkeys(needs.get(sid, ())))
         if not keys:
             continue
-        checkpoint = (checkpoint_dir / f"{sid}-{_set_key(model, layers, keys, tasks, batch_size, seed, share_prefix)}.pkl"
+        checkpoint = (checkpoint_dir / f"{sid}-{_set_key(model, layers, keys, tasks, batch_size, seed)}.pkl"
                       if checkpoint_dir is not None else None)
         saved = _load_checkpoint(checkpoint, log)
         if saved is not None:
@@ -122,10 +119,9 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Ma
         results = {}
         for key in keys:
             spec, bench = tasks[key]
-            target = SharedPrefixLM(pruned, prefix) if prefix and spec.name == "truthfulqa_mc" else pruned
             opts = dict(spec.options)
             bs = opts.pop("batch_size", batch_size)
-            results[key] = evaluate_task(target, tokenizer, bench, batch_size=bs, seed=seed, **opts)
+            results[key] = evaluate_task(pruned, tokenizer, bench, batch_size=bs, seed=seed, **opts)
         del pruned
         out.seconds[sid] = time.perf_counter() - start
         out.results.update({(sid, key): results[key] for key in keys})
@@ -138,12 +134,12 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Ma
 
 
 def _set_key(model: nn.Module, layers: Sequence[int], keys: Sequence[str],
-             tasks: Mapping[str, tuple[TaskSpec, Benchmark]], batch_size: int, seed: int, share_prefix: bool) -> str:
+             tasks: Mapping[str, tuple[TaskSpec, Benchmark]], batch_size: int, seed: int) -> str:
     """A short hash of everything that determines one set's results (model, dtype, layers, tasks, data, options,
     and the scoring code)."""
     first = next(model.parameters())
     parts = [getattr(model.config, "_name_or_path", ""), str(model.config.num_hidden_layers), str(first.dtype),
-             str(list(layers)), str(batch_size), str(seed), str(share_prefix), scoring_code_digest()]
+             str(list(layers)), str(batch_size), str(seed), scoring_code_digest()]
     for key in keys:
         spec, bench = tasks[key]
         parts += [repr(spec), json.dumps(bench.provenance, sort_keys=True, default=str)]
