@@ -404,6 +404,23 @@ def test_every_arm_starts_from_the_same_base_weights_and_resumes(tmp_path: Path,
     pd.testing.assert_frame_equal(again.per_example, result.per_example)
 
 
+def test_runs_of_a_worker_share_are_what_the_serial_pass_reads(tmp_path: Path, monkeypatch) -> None:
+    examples, sets, ppl, settings, planned = _pipeline(arms=("base", "eavss", "random"))
+    model = tiny_model("llama", N_LAYERS)
+    serial = runs.run_all(model, TOK, planned, examples, sets, ppl, settings, tmp_path / "serial", progress=False)
+    for share in (planned[::2], planned[1::2]):  # what two workers would each run (core/workers.py)
+        runs.run_share(tiny_model("llama", N_LAYERS), TOK, share, examples=examples, eval_sets=sets, ppl=ppl,
+                       settings=settings, run_dir=tmp_path / "workers")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a run the workers finished was trained again")
+
+    monkeypatch.setattr(runs, "train", fail)
+    read = runs.run_all(model, TOK, planned, examples, sets, ppl, settings, tmp_path / "workers", progress=False)
+    assert read.runs["reused"].all()
+    pd.testing.assert_frame_equal(read.per_example, serial.per_example)
+
+
 def test_interrupted_run_resumes_from_finished_arms(tmp_path: Path, monkeypatch) -> None:
     examples, sets, ppl, settings, planned = _pipeline(arms=("base", "eavss", "lm_only"))
     model = tiny_model("llama", N_LAYERS)

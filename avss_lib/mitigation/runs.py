@@ -154,6 +154,18 @@ def run_arm(run: ArmRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, b
     return RunOutput(run, per_example, log, result)
 
 
+def run_share(model: nn.Module, tokenizer: PreTrainedTokenizerBase, share: Sequence[ArmRun], *,
+              examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark], ppl: Benchmark | None,
+              settings: MitigationSettings, run_dir: RunDir, validation: Sequence[ContrastiveExample] = ()) -> None:
+    """A worker's share of :func:`run_all` (:func:`avss_lib.core.workers.prefill`): its runs trained and evaluated
+    from the freshly loaded ``model``'s weights into their run folders, where the serial pass finds them."""
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data_key = data_fingerprint([*examples, *validation], eval_sets)
+    for run in share:
+        run_arm(run, model, tokenizer, base_state, examples, eval_sets, ppl, settings, run_dir, data_key=data_key,
+                progress=False, validation=validation)
+
+
 @dataclass
 class MitigationRuns:
     """All runs' per-example results, training logs and summaries."""

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -24,11 +25,12 @@ from avss_lib.core.artifacts import (ANSWERS, ARM_METRICS, ARMS, AVSS_SCORES, CO
                                      RUN_METRICS, STEERING_DIRECTIONS, TRAIN_EXAMPLES, VERDICT_05, RunDir)
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.verdicts import Verdict, to_records
+from avss_lib.core.workers import check_workers, prefill
 from avss_lib.hallucination.answers import shots_by_id
 from avss_lib.mitigation import prose
 from avss_lib.mitigation.arms import MitigationSettings, arm_layers, plan_runs, runs_table
 from avss_lib.mitigation.outcomes import arm_table, comparisons, summarise_runs
-from avss_lib.mitigation.runs import MitigationRuns, run_all
+from avss_lib.mitigation.runs import MitigationRuns, run_all, run_share
 from avss_lib.mitigation.tables import data_summary
 from avss_lib.mitigation.intervention import tune_strength
 from avss_lib.mitigation.training_data import (build_training_frame, eval_benchmarks, load_benchmarks,
@@ -138,9 +140,12 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
                    ppl_max_length: int = 512, n_bootstrap: int = 1000, min_effect: float = 0.5,
                    random_margin: float = RANDOM_MARGIN, power: float = 0.8, iti_tune_n: int | None = 24,
                    epochs: float = 0.0, validation_fraction: float = 0.0, validate_every: int = 0, patience: int = 3,
-                   seed: int = 0,
+                   seed: int = 0, workers: int = 1,
                    progress: bool = True) -> MitigationResult:
-    """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts."""
+    """Run stage 05 on ``run_dir`` (which holds stages 02 and 04) and write all of its artifacts.
+
+    With ``workers`` > 1 the runs are trained that many at a time in worker processes
+    (:func:`avss_lib.core.workers.prefill`; for a GPU) before the serial pass reads their folders."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     answers, question_split, eavss_layers, avss_scores = load_upstream(run_dir)
@@ -184,6 +189,10 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     budget = runs_table(runs, lm)
     ARMS.write(budget, run_dir)
     start = time.perf_counter()
+    for failure in prefill(partial(run_share, examples=examples, eval_sets=eval_sets, ppl=ppl, settings=settings,
+                                   run_dir=run_dir, validation=validation),
+                           runs, workers=check_workers(workers), model=model, device=device, dtype=dtype):
+        print(f"{failure}: its runs are trained below")
     results = run_all(lm, tokenizer, runs, examples, eval_sets, ppl, settings, run_dir, progress=progress,
                       validation=validation)
     seconds = time.perf_counter() - start

@@ -133,6 +133,15 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: Ma
     return out
 
 
+def evaluate_share(model: nn.Module, tokenizer: PreTrainedTokenizerBase, share: Sequence[tuple[str, Sequence[int]]],
+                   *, needs: Mapping[str, Sequence[str]], tasks: Mapping[str, tuple[TaskSpec, Benchmark]],
+                   batch_size: int, seed: int, checkpoint_dir: Path) -> None:
+    """A worker's share of :func:`evaluate_sets` (:func:`avss_lib.core.workers.prefill`): its ``(set_id, layers)``
+    pairs evaluated into ``checkpoint_dir``, where the serial pass finds them."""
+    evaluate_sets(model, tokenizer, dict(share), needs, tasks, batch_size=batch_size, seed=seed,
+                  checkpoint_dir=checkpoint_dir)
+
+
 def _set_key(model: nn.Module, layers: Sequence[int], keys: Sequence[str],
              tasks: Mapping[str, tuple[TaskSpec, Benchmark]], batch_size: int, seed: int) -> str:
     """A short hash of everything that determines one set's results (model, dtype, layers, tasks, data, options,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from avss_lib.core.layers import find_layers
 from avss_lib.core.models import load_model, model_provenance
 from avss_lib.core.timing import measure_speedup
 from avss_lib.core.verdicts import Verdict, to_records
+from avss_lib.core.workers import check_workers, prefill
 from avss_lib.pruning import evaluate, plan as planning, prose, retention as tables
 from avss_lib.pruning.stability import ranking_stability
 from avss_lib.pruning.tasks import TaskSpec, curve_task_specs, load_task, task_specs
@@ -122,8 +124,11 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
                 oracle_samples: int | None, sleb_samples: int, curve_ratios: Sequence[float], curve_methods: Sequence[str],
                 curve_tasks: Mapping[str, int | None], curve_random_seeds: int, batch_size: int,
                 precision_check: bool, speed_repeats: int, n_bootstrap: int, stability_folds: int,
-                stability_oracle_samples: int | None) -> PruningResult:
-    """Run stage 03 with the chapter's parameters (see the notebook's ``parameters`` cell) and write its artifacts."""
+                stability_oracle_samples: int | None, workers: int = 1) -> PruningResult:
+    """Run stage 03 with the chapter's parameters (see the notebook's ``parameters`` cell) and write its artifacts.
+
+    With ``workers`` > 1 the pruned sets are evaluated that many at a time in worker processes
+    (:func:`avss_lib.core.workers.prefill`; for a GPU) before the serial pass reads their checkpoints."""
     torch.manual_seed(seed)
     started = time.perf_counter()
     stats_01 = art.ACTIVATION_STATS.read(run_dir)
@@ -165,8 +170,13 @@ def run_pruning(run_dir: art.RunDir, *, model: str, device: str, dtype: str, dat
     sets = {planning.BASE_SET: [], **planning.unique_sets(pd.concat([table_plan, curve_plan]))}
 
     t0 = time.perf_counter()
+    checkpoints = art.pruning_checkpoint_dir(run_dir)
+    for failure in prefill(partial(evaluate.evaluate_share, needs=needs, tasks=benchmarks, batch_size=batch_size,
+                                   seed=seed, checkpoint_dir=checkpoints),
+                           list(sets.items()), workers=check_workers(workers), model=model, device=device, dtype=dtype):
+        print(f"{failure}: its sets are evaluated below")
     evaluations = evaluate.evaluate_sets(lm, tokenizer, sets, needs, benchmarks, batch_size=batch_size, seed=seed,
-                                         checkpoint_dir=art.pruning_checkpoint_dir(run_dir), log=print)
+                                         checkpoint_dir=checkpoints, log=print)
     evaluation_seconds = time.perf_counter() - t0
     precision = None
     t0 = time.perf_counter()
