@@ -18,8 +18,9 @@ the book                    ``book``                 every stage -> the claims c
 Each wing has a ``stage.py`` whose one function runs its chapter and returns a result object (tables, and the
 values its prose glues); a notebook is its parameters, that call, and figures, tables and prose. ``core/`` is
 shared by every wing: errors, io and ``artifacts``, ``data_root`` and ``benchmarks`` (loading), ``models`` and
-``layers`` (discovery), ``layer_removal``, ``activation_stats`` (streamed statistics), ``harness`` and
-``tasks`` (the evaluation harness), ``answer_matching``, ``metrics``, ``resampling`` (the paired bootstrap),
-``verdicts`` (claim verdicts as data), ``splits``, ``timing``, ``formatting``. A wing imports ``core`` and earlier
+``layers`` (discovery), ``layer_removal``, ``activation_stats`` (streamed statistics), ``harness``,
+``perplexity`` and ``tasks`` (the evaluation harness), ``answer_matching``, ``metrics``, ``resampling`` (the paired
+bootstrap), ``verdicts`` (claim verdicts as data), ``splits``, ``timing``, ``workers`` (independent jobs in worker
+processes), ``formatting``. A wing imports ``core`` and earlier
 wings only. ``testing/`` holds the tiny random models and the built-book browser check.
 """

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 import avss_lib.core.harness as ev
+import avss_lib.core.perplexity as perplexity
 import avss_lib.core.tasks as tasks
 from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.errors import ConfigError
@@ -333,7 +334,7 @@ TEXT = " = Toy Town = \n Toy Town is an invented place . It has 3 parks and a ri
 
 def test_perplexity_single_window_equals_exp_mean_nll(tok: PreTrainedTokenizerFast) -> None:
     model = tiny_model("gpt2", n_layers=2, seed=0)
-    frame = ev.wikitext_perplexity(model, tok, TEXT, max_length=128, stride=128)
+    frame = perplexity.wikitext_perplexity(model, tok, TEXT, max_length=128, stride=128)
     token_ids = ids(tok, TEXT)
     with torch.no_grad():
         logp = F.log_softmax(model(input_ids=torch.tensor([token_ids])).logits[0], dim=-1)
@@ -352,7 +353,7 @@ def _text_benchmark():  # noqa: ANN202
 def test_perplexity_sliding_window_matches_hf_recipe(tok: PreTrainedTokenizerFast) -> None:
     model = tiny_model("llama", n_layers=2, seed=0)
     max_length, stride = 32, 12
-    frame = ev.wikitext_perplexity(model, tok, TEXT, max_length=max_length, stride=stride, batch_size=3)
+    frame = perplexity.wikitext_perplexity(model, tok, TEXT, max_length=max_length, stride=stride, batch_size=3)
     token_ids = torch.tensor([ids(tok, TEXT)])
     seq_len, nll_sum, n_tokens, prev_end = token_ids.size(1), 0.0, 0, 0
     for begin in range(0, seq_len, stride):  # the Hugging Face perplexity guide, verbatim in spirit
@@ -371,13 +372,13 @@ def test_perplexity_sliding_window_matches_hf_recipe(tok: PreTrainedTokenizerFas
             break
     assert int(frame["n_tokens"].sum()) == n_tokens == seq_len - 1
     assert float(frame["nll_sum"].sum()) == pytest.approx(nll_sum, rel=1e-5)
-    single = ev.wikitext_perplexity(model, tok, TEXT, max_length=max_length, stride=stride, batch_size=1)
+    single = perplexity.wikitext_perplexity(model, tok, TEXT, max_length=max_length, stride=stride, batch_size=1)
     np.testing.assert_allclose(frame["nll_sum"], single["nll_sum"], rtol=1e-5)
 
 
 def test_perplexity_rejects_bad_stride(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ConfigError, match="stride"):
-        ev.wikitext_perplexity(tiny_model("gpt2", 1), tok, TEXT, max_length=16, stride=32)
+        perplexity.wikitext_perplexity(tiny_model("gpt2", 1), tok, TEXT, max_length=16, stride=32)
 
 
 # ------------------------------------------------------------------------------------ dispatcher

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
 
-from avss_lib.performance.peer_record import peer_glue, peer_table
+from avss_lib.performance.peer_record import peer_frame, peer_glue
 from avss_lib.testing.tiny_models import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +46,12 @@ def test_peer_table_reads_the_record_and_says_when_there_is_none():
                                 "max_loglik_gap": 5e-5, "same_greedy": 1.0, "same_choice": 1.0},
               "generation": {"prompts": 40, "ours_s": 20.0, "lm_eval_s": 22.0, "speedup": 1.1, "same_text": 0.95},
               "total": {"ours_s": 30.0, "lm_eval_s": 62.0, "speedup": 62 / 30}, "identical": False}
-    table = peer_table(record).set_index("requests")
+    table = peer_frame(record).set_index("requests")
     assert table["lm-eval ÷ ours"].tolist() == [4.0, 1.1, pytest.approx(62 / 30)]
     assert table["n"].tolist() == [900, 40, ""]
     assert table["agreement"].iloc[1] == "same text 95%" and table["agreement"].iloc[2] == "not identical"
     glue = peer_glue(record)
-    assert (glue["peer_commit"], glue["peer_n"], glue["peer_speedup"]) == ("abcdef1", 40, pytest.approx(62 / 30))
-    assert "no record committed" in peer_table(None)["requests"].iloc[0]
-    assert math.isnan(peer_glue(None)["peer_speedup"])
+    assert (glue["peer_commit"], glue["peer_n"], glue["peer_speedup"], glue["peer_threads"]) == ("abcdef1", "40",
+                                                                                                 "2.07", "2")
+    assert "no record committed" in peer_frame(None)["requests"].iloc[0]
+    assert set(peer_glue(None).values()) == {"n/a"} and set(peer_glue(None)) == set(glue)

@@ -48,16 +48,8 @@ from transformers import PreTrainedTokenizerBase
 from avss_lib.core.answer_matching import alias_containment, exact_match
 from avss_lib.core.benchmarks import Benchmark, Example
 from avss_lib.core.errors import ConfigError
-from avss_lib.core.harness import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PPL_MAX_LENGTH,
-    QA_STOP,
-    generate_until,
-    model_max_length,
-    perplexity_window,
-    score_multiple_choice,
-    wikitext_perplexity,
-)
+from avss_lib.core.harness import (DEFAULT_MAX_NEW_TOKENS, QA_STOP, generate_until, model_max_length,
+                                   score_multiple_choice)
 from avss_lib.core.metrics import (
     CI,
     average_precision,
@@ -71,6 +63,7 @@ from avss_lib.core.metrics import (
     proportion_ci,
     reciprocal_rank,
 )
+from avss_lib.core.perplexity import DEFAULT_PPL_MAX_LENGTH, perplexity_window, wikitext_perplexity
 
 TRUTHFULQA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"

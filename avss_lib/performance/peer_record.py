@@ -24,7 +24,7 @@ def peer_record(path: Path = PEER_RECORD) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def peer_table(record: dict[str, Any] | None) -> pd.DataFrame:
+def peer_frame(record: dict[str, Any] | None) -> pd.DataFrame:
     """Per request kind: how many, each harness's seconds, lm-eval ÷ ours, and whether the results agree."""
     if record is None:
         return pd.DataFrame([{"requests": "no record committed: run `python benchmarks/harness_peer.py`"}])
@@ -40,12 +40,12 @@ def peer_table(record: dict[str, Any] | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def peer_glue(record: dict[str, Any] | None) -> dict[str, Any]:
-    """The record's provenance and ratios for the appendix's prose (``n/a`` without a record)."""
+def peer_glue(record: dict[str, Any] | None) -> dict[str, str]:
+    """The record's provenance and overall ratio, as the phrases the appendix pastes (``n/a`` without a record)."""
     if record is None:
-        return {"peer_date": "n/a", "peer_machine": "n/a", "peer_commit": "n/a", "peer_lm_eval": "n/a",
-                "peer_threads": "n/a", "peer_n": "n/a", "peer_speedup": float("nan")}
+        return dict.fromkeys(("peer_date", "peer_machine", "peer_commit", "peer_lm_eval", "peer_threads", "peer_n",
+                              "peer_speedup"), "n/a")
     return {"peer_date": record["date"], "peer_machine": record["machine"]["platform"],
             "peer_commit": (record.get("commit") or "unknown")[:7], "peer_lm_eval": record["versions"]["lm_eval"],
-            "peer_threads": record["machine"]["torch_threads"], "peer_n": record["n"],
-            "peer_speedup": float(record["total"]["speedup"])}
+            "peer_threads": str(record["machine"]["torch_threads"]), "peer_n": str(record["n"]),
+            "peer_speedup": f"{record['total']['speedup']:.2f}"}

@@ -6,7 +6,8 @@ set (:mod:`avss_lib.performance.calibration_set`) it measures the statistics pas
 (:mod:`~avss_lib.performance.memory`), the agreement of both collectors' variances, the model's load time
 (:mod:`~avss_lib.performance.load_time`), the pruned model's speed (:mod:`~avss_lib.performance.pruning_speed`)
 and lists the wall time of the run's notebooks (:mod:`~avss_lib.performance.wall_times`). Everything is
-measured on the machine that runs it; it writes the artifacts of stage 06 of
+measured on the machine that runs it, except the comparison with lm-evaluation-harness, read from its benchmark's
+committed record (:mod:`~avss_lib.performance.peer_record`); it writes the artifacts of stage 06 of
 :mod:`avss_lib.core.artifacts` and returns a :class:`PerformanceResult`.
 """
 
@@ -34,6 +35,7 @@ from avss_lib.performance.memory import (FLAT_TOLERANCE, FLAT_TOLERANCE_MIB, byt
 from avss_lib.performance.overhead import (agreement_summary, measure_overhead, naive_hidden_state_stats,
                                            variance_agreement)
 from avss_lib.performance.parameter_checks import check_positive_int, check_ratios, check_token_multiples
+from avss_lib.performance.peer_record import peer_glue, peer_record
 from avss_lib.performance.pruning_speed import measure_pruning_speedups
 from avss_lib.performance.wall_times import SELF_NOTEBOOK, machine_memory_mib, notebook_wall_times, wall_time_summary
 
@@ -60,6 +62,7 @@ class PerformanceResult:
     speed: pd.DataFrame
     times: pd.DataFrame
     machine: dict[str, Any]  # torch_threads, cpus, memory_mib
+    peer: dict[str, Any] | None = None  # the peer benchmark's committed record (benchmarks/harness_peer.py)
 
     def flatness(self) -> dict[str, Any]:
         return memory_flatness(self.memory)
@@ -114,6 +117,8 @@ class PerformanceResult:
             # wall times
             "wall_times": prose.wall_times(wall_time_summary(self.times, self.machine["memory_mib"])),
             "self_notebook": SELF_NOTEBOOK,
+            # this harness against lm-evaluation-harness (a committed record)
+            **peer_glue(self.peer),
         }
 
 
@@ -182,4 +187,5 @@ def run_performance(run_dir: RunDir, *, model: str = models.DEFAULT_MODEL, devic
     return PerformanceResult(settings=settings, n_samples=n_samples, seed=seed, max_length=max_length,
                              batch_size=batch_size, n_layers=n_layers, hidden=hidden, bytes_per_value=width,
                              n_batches=len(batches), tokens=tokens, positions=positions, overhead=overhead,
-                             memory=memory, agreement=agreement, load=load, speed=speed, times=times, machine=machine)
+                             memory=memory, agreement=agreement, load=load, speed=speed, times=times, machine=machine,
+                             peer=peer_record())

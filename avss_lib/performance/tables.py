@@ -9,6 +9,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 
 from avss_lib.performance.memory import memory_display
+from avss_lib.performance.peer_record import peer_frame
 
 SPEED_COLUMNS = {"ratio": "{:.3f}", "n_removed": "{:d}", "seconds_unpruned": "{:.3f}", "seconds_pruned": "{:.3f}",
                  "measured_speedup": "×{:.2f}", "theoretical_speedup": "×{:.2f}",
@@ -37,3 +38,10 @@ def times_table(times: pd.DataFrame) -> Styler:
     """Wall time, share and peak RSS of each notebook of the run."""
     return times.style.format({"seconds": "{:.1f}", "share": "{:.0%}", "peak_rss_mib": "{:,.0f}"},
                               na_rep="not recorded").hide(axis="index")
+
+
+def peer_table(record: Mapping[str, Any] | None) -> Styler:
+    """This harness against lm-evaluation-harness, from the peer benchmark's committed record."""
+    return (peer_frame(dict(record) if record is not None else None)
+            .style.format({"ours (s)": "{:.1f}", "lm-eval (s)": "{:.1f}", "lm-eval ÷ ours": "×{:.2f}"}, na_rep="")
+            .hide(axis="index"))

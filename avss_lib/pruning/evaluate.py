@@ -36,7 +36,7 @@ from avss_lib.pruning.tasks import PRIMARY_METRIC, TaskSpec
 #: The modules whose source decides a pruned set's scores (part of every checkpoint's key).
 SCORING_MODULES: tuple[str, ...] = ("core/activation_stats.py", "core/answer_matching.py", "core/benchmarks.py",
                                     "core/harness.py", "core/layer_removal.py", "core/layers.py", "core/metrics.py",
-                                    "core/tasks.py", "pruning/evaluate.py", "pruning/tasks.py")
+                                    "core/perplexity.py", "core/tasks.py", "pruning/evaluate.py", "pruning/tasks.py")
 
 
 def scoring_code_digest() -> str:
