@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from avss_lib.core import perplexity as perplexity_module
 from avss_lib.core.artifacts import (ANSWERS, EAVSS_LAYERS, MITIGATION_PER_EXAMPLE, PROVENANCE_04, QUESTION_SPLIT,
                                      RUN_CHECKPOINT, RUN_RESULT, RUNS, TRAIN_LOGS, mitigation_run_dir)
 from avss_lib.core.benchmarks import Benchmark, Example
@@ -402,6 +403,29 @@ def test_every_arm_starts_from_the_same_base_weights_and_resumes(tmp_path: Path,
     again = runs.run_all(model, TOK, planned, examples, sets, ppl, settings, tmp_path, progress=False)
     assert again.runs["reused"].all()
     pd.testing.assert_frame_equal(again.per_example, result.per_example)
+
+
+def test_perplexity_windows_batched_score_as_one_at_a_time(monkeypatch) -> None:
+    _, sets, ppl, settings, _ = _pipeline(arms=("base",))
+    model = tiny_model("llama", N_LAYERS)
+    batches: list[int] = []
+    real = perplexity_module._window_nll
+    monkeypatch.setattr(perplexity_module, "_window_nll", lambda m, inputs, *a: batches.append(len(inputs)) or
+                        real(m, inputs, *a))
+    scores, forwards = {}, {}
+    for batch in (1, 3):
+        one = replace(settings, ppl_max_length=64, ppl_batch_size=batch)
+        one.validate(N_LAYERS)
+        batches.clear()
+        scores[batch] = runs.evaluate_model(model, TOK, {"sciq": sets["sciq"]}, ppl, one)[1]
+        forwards[batch] = list(batches)
+    assert max(forwards[1]) == 1 and max(forwards[3]) == 3  # the setting reaches the perplexity pass
+    assert sum(forwards[3]) == len(forwards[1]) and len(forwards[3]) == -(-len(forwards[1]) // 3)
+    assert scores[1]["n_tokens"] == scores[3]["n_tokens"] > 3 * 64  # several windows, the last one padded in its batch
+    assert scores[3]["value"] == pytest.approx(scores[1]["value"], rel=1e-5)
+    assert scores[3]["low"] == pytest.approx(scores[1]["low"], rel=1e-5)
+    with pytest.raises(ConfigError, match="ppl_batch_size=0 must be >= 1"):
+        replace(settings, ppl_batch_size=0).validate(N_LAYERS)
 
 
 def test_runs_of_a_worker_share_are_what_the_serial_pass_reads(tmp_path: Path, monkeypatch) -> None:

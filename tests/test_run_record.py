@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from avss_lib.book import cli
-from avss_lib.core.artifacts import PROVENANCE_01, done_record, verdict
+from avss_lib.core.artifacts import PROVENANCE_01, RUN_RESULT, done_record, mitigation_run_dir, started_record, verdict
 from avss_lib.core.io import write_json
 from avss_lib.core.verdicts import Condition, Verdict, to_records
 
@@ -50,3 +50,19 @@ def test_record_errors_are_one_line(tmp_path, capsys):
                      "--seconds", "setup=fast"]) == 2
     assert "--seconds expects NAME=SECONDS with a number" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_record_of_a_run_cut_off_in_chapter_05_keeps_its_finished_training_runs(tmp_path):
+    run = tmp_path / "run"
+    _finished_run(run)
+    write_json({"fingerprint": "h", "started": "2026-12-07T10:52:03+0000"}, started_record(run, "05_mitigation"))
+    write_json({"fingerprint": "f", "started": "2026-12-06T22:59:00+0000"}, started_record(run, "01_activations"))
+    write_json({"key": {}, "train_seconds": 74.96, "eval_seconds": 53.04, "steps_run": 199, "best_step": 190,
+                "perplexity": {}}, mitigation_run_dir(run, "eavss-s0") / RUN_RESULT)
+    write_json({"run": "random-d0-s0"}, mitigation_run_dir(run, "random-d0-s0") / "key.json")  # still training
+    out = tmp_path / "rec.json"
+    assert cli.main(["record", str(run), str(out), "--what", "cut off"]) == 0
+    record = json.loads(out.read_text())
+    assert record["unfinished"] == {"05_mitigation": "2026-12-07T10:52:03+0000"}  # 01 finished: not listed
+    assert record["mitigation_runs"] == {
+        "eavss-s0": {"train_seconds": 75.0, "eval_seconds": 53.0, "steps_run": 199, "best_step": 190}}

@@ -3,7 +3,9 @@
 A run on a GPU machine, or with another model, is cited in the README and in notes rather than rendered, so its
 numbers need a record that says when, where and with what they were made: the date, the commit, the machine and
 GPU, the package versions, the model file's provenance, each notebook's wall time and peak memory, any further
-timings (set-up, book build) and every verdict the run's chapters wrote, as data.
+timings (set-up, book build) and every verdict the run's chapters wrote, as data. A run cut off midway is recorded
+too: the stages started but not finished say when they started, and chapter 05's finished training runs each give
+their training and evaluation seconds.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 import torch
 
 from avss_lib.book.reproducibility import PACKAGES, package_version
-from avss_lib.core.artifacts import PROVENANCE_01, STAGES, RunDir, finished_stages, verdict
+from avss_lib.core.artifacts import (PROVENANCE_01, STAGES, RunDir, finished_mitigation_runs, finished_stages,
+                                     started_record, verdict)
 from avss_lib.core.errors import DataError
-from avss_lib.core.io import write_json
+from avss_lib.core.io import read_json, write_json
 
 
 def current_commit() -> str | None:
@@ -55,6 +58,12 @@ def run_record(run_dir: RunDir, *, what: str, seconds: Mapping[str, float] | Non
         "model": PROVENANCE_01.read(run_dir)["model"] if PROVENANCE_01.exists(run_dir) else None,
         "seconds": {k: round(float(v), 1) for k, v in (seconds or {}).items()},
         "notebooks": notebooks,
+        "unfinished": {stage: read_json(started_record(run_dir, stage))["started"] for stage in STAGES
+                       if stage not in notebooks and started_record(run_dir, stage).is_file()},
+        "mitigation_runs": {run_id: {"train_seconds": round(r["train_seconds"], 1),
+                                     "eval_seconds": round(r["eval_seconds"], 1),
+                                     "steps_run": r.get("steps_run"), "best_step": r.get("best_step")}
+                            for run_id, r in finished_mitigation_runs(run_dir).items()},
         "verdicts": {stage: verdict(stage).read(run_dir) for stage in STAGES if verdict(stage).exists(run_dir)},
     }
 

@@ -267,6 +267,13 @@ RUN_RESULT = "result.json"  # written last: marks the run finished
 RUN_KEY = "key.json"  # the settings of the run a checkpoint belongs to
 RUN_CHECKPOINT = "checkpoint"  # the folder of an unfinished run's resumable training checkpoint
 
+
+def finished_mitigation_runs(run_dir: RunDir) -> dict[str, dict[str, Any]]:
+    """Each finished training run of stage 05 (its :data:`RUN_RESULT`: seconds, steps, perplexity), by run id in
+    name order, also while the stage itself is unfinished; runs still training are absent."""
+    runs = stage_dir(run_dir, "05_mitigation") / "runs"
+    return {p.parent.name: read_json(p) for p in sorted(runs.glob(f"*/{RUN_RESULT}"))}
+
 # ------------------------------------------------------------------------------------------ 06 performance
 
 OVERHEAD = Artifact("06_performance", "overhead.json", "statistics pass against a plain forward")

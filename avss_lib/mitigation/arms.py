@@ -77,6 +77,7 @@ class MitigationSettings:
     label_convention: str = "exact_match"  # which of chapter 04's labels defines "correct"
     ppl_chars: int | None = 20_000  # characters of the WikiText-2 test split scored for perplexity (0 skips, None: all)
     ppl_max_length: int = 512
+    ppl_batch_size: int = 1  # WikiText-2 windows per forward (each holds ppl_max_length x vocabulary logits)
     eval_dtype: str | None = None  # evaluate a copy in this dtype (e.g. "bfloat16"); None: the training dtype
     open_qa_shots: Mapping[str, tuple[Example, ...]] = field(default_factory=dict)  # chapter 04's few-shot examples
     iti_vectors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # chapter 04's steering directions
@@ -103,6 +104,8 @@ class MitigationSettings:
             raise ConfigError(f"eval_dtype={self.eval_dtype!r} is not a dtype: use one of {', '.join(DTYPES)} or None")
         if self.ppl_chars is not None and self.ppl_chars < 0:
             raise ConfigError(f"ppl_chars={self.ppl_chars} must be >= 0 (0 skips the perplexity cost)")
+        if self.ppl_batch_size < 1:
+            raise ConfigError(f"ppl_batch_size={self.ppl_batch_size} must be >= 1 (1 on a CPU, e.g. 8 on a GPU)")
         self.train_config((0,), 0, self.lambda_con).validate(n_layers)
 
     def train_config(self, layers: Sequence[int], seed: int, lambda_con: float) -> TrainConfig:
@@ -119,7 +122,8 @@ class MitigationSettings:
         """The evaluation options a finished run's results depend on (part of its resume key)."""
         return {"eval_batch_size": self.eval_batch_size, "sciq_with_support": self.sciq_with_support,
                 "wikiqa_scoring": self.wikiqa_scoring, "label_convention": self.label_convention,
-                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length, "eval_dtype": self.eval_dtype,
+                "ppl_chars": self.ppl_chars, "ppl_max_length": self.ppl_max_length,
+                "ppl_batch_size": self.ppl_batch_size, "eval_dtype": self.eval_dtype,
                 "shots": {name: [e.id for e in shots] for name, shots in self.open_qa_shots.items() if shots}}
 
     def iti_key(self) -> dict[str, Any]:

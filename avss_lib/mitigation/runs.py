@@ -72,7 +72,8 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_se
                                   else np.nan)}))
     perplexity: dict[str, Any] = {"value": None, "low": None, "high": None, "n_tokens": 0}
     if ppl is not None:
-        res = evaluate_task(model, tokenizer, ppl, batch_size=1, max_length=settings.ppl_max_length, seed=seed)
+        res = evaluate_task(model, tokenizer, ppl, batch_size=settings.ppl_batch_size,
+                            max_length=settings.ppl_max_length, seed=seed)
         value, low, high = res.summary["perplexity"]
         perplexity = {"value": value, "low": low, "high": high, "n_tokens": res.settings["n_tokens"]}
     return pd.concat(frames, ignore_index=True), perplexity
