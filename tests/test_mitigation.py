@@ -410,8 +410,12 @@ def test_perplexity_windows_batched_score_as_one_at_a_time(monkeypatch) -> None:
     model = tiny_model("llama", N_LAYERS)
     batches: list[int] = []
     real = perplexity_module._window_nll
-    monkeypatch.setattr(perplexity_module, "_window_nll", lambda m, inputs, *a: batches.append(len(inputs)) or
-                        real(m, inputs, *a))
+
+    def counting(model, inputs, *args):
+        batches.append(len(inputs))
+        return real(model, inputs, *args)
+
+    monkeypatch.setattr(perplexity_module, "_window_nll", counting)
     scores, forwards = {}, {}
     for batch in (1, 3):
         one = replace(settings, ppl_max_length=64, ppl_batch_size=batch)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from avss_lib.book import cli
-from avss_lib.core.artifacts import PROVENANCE_01, RUN_RESULT, done_record, mitigation_run_dir, started_record, verdict
+from avss_lib.core.artifacts import (PROVENANCE_01, RUN_KEY, RUN_RESULT, done_record, mitigation_run_dir, started_record,
+                                     verdict)
 from avss_lib.core.io import write_json
 from avss_lib.core.verdicts import Condition, Verdict, to_records
 
@@ -59,7 +60,7 @@ def test_record_of_a_run_cut_off_in_chapter_05_keeps_its_finished_training_runs(
     write_json({"fingerprint": "f", "started": "2026-12-06T22:59:00+0000"}, started_record(run, "01_activations"))
     write_json({"key": {}, "train_seconds": 74.96, "eval_seconds": 53.04, "steps_run": 199, "best_step": 190,
                 "perplexity": {}}, mitigation_run_dir(run, "eavss-s0") / RUN_RESULT)
-    write_json({"run": "random-d0-s0"}, mitigation_run_dir(run, "random-d0-s0") / "key.json")  # still training
+    write_json({"run": "random-d0-s0"}, mitigation_run_dir(run, "random-d0-s0") / RUN_KEY)  # still training
     out = tmp_path / "rec.json"
     assert cli.main(["record", str(run), str(out), "--what", "cut off"]) == 0
     record = json.loads(out.read_text())

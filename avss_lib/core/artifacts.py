@@ -274,6 +274,7 @@ def finished_mitigation_runs(run_dir: RunDir) -> dict[str, dict[str, Any]]:
     runs = stage_dir(run_dir, "05_mitigation") / "runs"
     return {p.parent.name: read_json(p) for p in sorted(runs.glob(f"*/{RUN_RESULT}"))}
 
+
 # ------------------------------------------------------------------------------------------ 06 performance
 
 OVERHEAD = Artifact("06_performance", "overhead.json", "statistics pass against a plain forward")
