@@ -18,6 +18,7 @@ from avss_lib.mitigation.contrastive_loss import (
     margin_loss,
     score_examples,
     sequence_logprobs,
+    shared_prompt_logprobs,
 )
 from avss_lib.core.errors import ConfigError, DataError
 from avss_lib.testing.tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
@@ -173,6 +174,65 @@ def test_score_examples_arranges_negatives_with_mask() -> None:
     assert scored.pos.counts.tolist() == [4.0, 3.0]
     assert torch.allclose(scored.pos.scores, lm_only.pos.scores, atol=1e-6)
     assert lm_only.neg_scores is None
+
+
+# --- each prompt run once for all of its answers ---------------------------------------------------
+
+SHARED_EXAMPLES = [
+    ContrastiveExample("a", "Q: what is x?\nA:", " yes", (" no", " maybe not")),
+    ContrastiveExample("b", "Q: y?\nA:", " up", (" down",)),
+    ContrastiveExample("c", "Some longer prompt here. Q: z?\nA:", " left side", (" right", " centre", " top")),
+]
+
+
+def _input_positions(model: torch.nn.Module) -> list[int]:
+    """Token positions fed to ``model`` per forward, recorded by a hook on its input embedding."""
+    seen: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].numel()))
+    return seen
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_shared_prompts_give_the_scores_and_gradients_of_one_sequence_per_answer(model_type: str) -> None:
+    """Scoring a question's answers on its prompt's shared keys and values gives the scores and the gradients of
+    scoring each answer as a full sequence, for fewer token positions."""
+    model = tiny_model(model_type, n_layers=2, seed=4)
+    if model_type == "gemma3_text":
+        model.config.sliding_window = 512  # the tiny config's window of 4 would send the batch down the plain path
+    positions = _input_positions(model)
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        positions.clear()
+        scored = score_examples(model, TOK, SHARED_EXAMPLES, share_prompts=share)
+        combined_loss(scored.pos, scored.neg_scores, scored.neg_mask).total.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[share] = scored, grads, sum(positions)
+    (plain, plain_grads, plain_positions), (shared, shared_grads, shared_positions) = results[False], results[True]
+    assert torch.allclose(shared.pos.sums, plain.pos.sums, atol=1e-5)
+    assert torch.allclose(shared.pos.counts, plain.pos.counts)
+    assert torch.allclose(shared.neg_scores, plain.neg_scores, atol=1e-5)
+    assert len(shared_grads) == len(plain_grads) > 0
+    assert all(torch.allclose(g, h, atol=1e-5) for g, h in zip(shared_grads, plain_grads))
+    bos = int(model_type == "gemma3_text")  # the harness adds BOS for Gemma only
+    longest = max(len(ex.prompt) + max(len(a) for a in (ex.positive, *ex.negatives)) for ex in SHARED_EXAMPLES)
+    assert plain_positions == 9 * (bos + longest)  # nine answers right-padded to the longest pair, a token a char
+    assert shared_positions < plain_positions / 2
+
+
+def test_shared_prompts_fall_back_where_sharing_is_impossible_or_useless() -> None:
+    """No shared prompt, a one-token prompt, or a padded width past a sliding window: the plain path scores."""
+    llama = tiny_model("llama", n_layers=2, seed=0)
+    two_answers = [(list(TOK("Q: x?A: yes")["input_ids"]), 4), (list(TOK("Q: x?A: no")["input_ids"]), 3)]
+    assert shared_prompt_logprobs(llama, two_answers, pad=0) is not None
+    assert shared_prompt_logprobs(llama, two_answers[:1], pad=0) is None  # a prompt with one answer
+    assert shared_prompt_logprobs(llama, [([5, 6, 7], 2), ([5, 8], 1)], pad=0) is None  # a one-token prompt
+    gemma = tiny_model("gemma3_text", n_layers=2, seed=0)  # sliding window 4
+    assert shared_prompt_logprobs(gemma, two_answers, pad=0) is None
+    with torch.no_grad():
+        windowed = score_examples(gemma, TOK, SHARED_EXAMPLES)
+        plain = score_examples(gemma, TOK, SHARED_EXAMPLES, share_prompts=False)
+    assert torch.equal(windowed.pos.sums, plain.pos.sums) and torch.equal(windowed.neg_scores, plain.neg_scores)
 
 
 # --- training scores answers the way the evaluation harness does -----------------------------------

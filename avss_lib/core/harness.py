@@ -220,22 +220,26 @@ def _context_chunks(contexts: Sequence[tuple[int, ...]], groups: dict[tuple[int,
 def _fits_window(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[tuple[list[int], list[int]]]]]) -> bool:
     """Whether the padded context and continuations fit inside the model's sliding attention window (Gemma-3's
     local layers), where a padded position would count against the window: otherwise the chunk is scored plainly."""
-    window = getattr(model.config, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0:
-        return True
     width = max(len(c) for c, _ in batch) + max(len(cont) for _, reqs in batch for _, cont in reqs)
-    return width < window
+    return fits_sliding_window(model, width)
+
+
+def fits_sliding_window(model: nn.Module, width: int) -> bool:
+    """Whether ``width`` cache positions (padding included) stay inside the model's sliding attention window, if
+    it has one: a cached context padded on the right puts its padding between the context and what follows it."""
+    window = getattr(model.config, "sliding_window", None)
+    return not isinstance(window, int) or window <= 0 or width < window
 
 
 @torch.inference_mode()
 def _prefix_cache(model: nn.Module, prefix: Sequence[int]) -> Any:
     """Keys and values of ``prefix`` (one row), to be copied into every context batch of a call."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=model_device(model))
-    return _forward(model, ids, torch.ones_like(ids), keep=1).past_key_values
+    return forward_with_cache(model, ids, torch.ones_like(ids), keep=1).past_key_values
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep: int | None = None,
-             **kwargs: Any) -> Any:
+def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                       keep: int | None = None, **kwargs: Any) -> Any:
     """``model(...)`` with a KV cache, computing logits only for the last ``keep`` positions where supported."""
     if keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = keep
@@ -253,11 +257,11 @@ def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[
     rests = [list(context[len(common):]) for context, _ in batch]
     ids, mask = pad_batch(rests, pad_id, left=False)
     if base is not None:
-        past = _cache_rows(base, torch.zeros(len(batch), dtype=torch.long, device=device))
+        past = cache_rows(base, torch.zeros(len(batch), dtype=torch.long, device=device))
         mask = torch.cat([torch.ones((len(batch), len(common)), dtype=torch.long), mask], dim=1)
-        cache = _forward(model, ids.to(device), mask.to(device), keep=1, past_key_values=past).past_key_values
+        cache = forward_with_cache(model, ids.to(device), mask.to(device), keep=1, past_key_values=past).past_key_values
     else:
-        cache = _forward(model, ids.to(device), mask.to(device), keep=1).past_key_values
+        cache = forward_with_cache(model, ids.to(device), mask.to(device), keep=1).past_key_values
     rows = [(g, inp[len(inp) - len(cont):], cont) for g, (_, requests) in enumerate(batch) for inp, cont in requests]
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))  # continuations of like length together
     results: list[list[LoglikResult | None]] = [[None] * len(requests) for _, requests in batch]
@@ -269,7 +273,7 @@ def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[
         lengths = torch.tensor([len(common) + len(rests[g]) for g, _, _ in part], dtype=torch.long)
         positions = lengths[:, None] + torch.arange(tails.shape[1])[None, :]
         logits = model(input_ids=tails.to(device), attention_mask=torch.cat([mask[index], tail_mask], dim=1).to(device),
-                       position_ids=positions.to(device), past_key_values=_cache_rows(cache, index.to(device)),
+                       position_ids=positions.to(device), past_key_values=cache_rows(cache, index.to(device)),
                        use_cache=True).logits
         for k, r in enumerate(order[start:start + max_rows]):
             g, j = slot[r]
@@ -277,7 +281,7 @@ def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[
     return results  # type: ignore[return-value]
 
 
-def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
+def cache_rows(cache: Any, index: torch.Tensor) -> Any:
     """A cache holding rows ``index`` of ``cache`` (repeats allowed), leaving ``cache`` as it was: each layer is a
     shallow copy whose key and value tensors are re-indexed."""
     rows = copy.copy(cache)

@@ -47,6 +47,12 @@ InfoNCE denominator and the margin mean.
 it, :func:`avss_lib.core.harness.default_add_bos`), so training scores an answer the way it is later scored. Batches are right-padded, so padding never precedes or shifts a real token.
 When a pair exceeds ``max_length`` tokens the prompt is cut from the left; an answer alone longer than
 ``max_length - 1`` tokens is cut at the right (its :math:`|a|` is then the kept length).
+
+**Shared prompts.** A question's gold answer and its negatives follow the same prompt. With ``share_prompts``
+(the default) :func:`score_examples` runs each distinct prompt once and scores all of its answers on that
+prompt's keys and values, as the harness shares a context among its choices
+(:func:`shared_prompt_logprobs`); gradients flow through the shared keys and values, so the scores and their
+gradients are those of one full sequence per answer up to float round-off, for fewer token positions.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import default_add_bos, encode_pair, logits_from, pad_id
+from avss_lib.core.harness import (cache_rows, default_add_bos, encode_pair, fits_sliding_window,
+                                   forward_with_cache, logits_from, model_device, pad_batch, pad_id)
 
 LossKind = Literal["infonce", "margin"]
 LOSS_KINDS: tuple[str, ...] = ("infonce", "margin")
@@ -129,12 +136,19 @@ def encode_pairs(
     add_bos: bool = False,
 ) -> PairBatch:
     """Tokenise (prompt, answer) pairs into a right-padded :class:`PairBatch` (see module docstring)."""
+    return _pad_rows(_encode_rows(tokenizer, prompts, answers, max_length, add_bos), pad_id(tokenizer))
+
+
+def _encode_rows(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], max_length: int | None,
+    add_bos: bool
+) -> list[tuple[list[int], int]]:
+    """Each pair's ids (prompt, then answer) and its number of answer tokens, unpadded."""
     if len(prompts) != len(answers):
         raise DataError(f"{len(prompts)} prompts but {len(answers)} answers: pass one answer per prompt")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt and an answer: use >= 2")
-    rows = [_encode_pair(tokenizer, p, a, max_length, add_bos) for p, a in zip(prompts, answers)]
-    return _pad_rows(rows, pad_id(tokenizer))
+    return [_encode_pair(tokenizer, p, a, max_length, add_bos) for p, a in zip(prompts, answers)]
 
 
 def _encode_pair(
@@ -162,6 +176,36 @@ def _pad_rows(rows: list[tuple[list[int], int]], pad: int) -> PairBatch:
         attention_mask[b, : len(ids)] = 1
         answer_mask[b, len(ids) - n_answer: len(ids)] = True
     return PairBatch(input_ids=input_ids, attention_mask=attention_mask, answer_mask=answer_mask)
+
+
+def shared_prompt_logprobs(model: nn.Module, rows: Sequence[tuple[list[int], int]], pad: int
+                           ) -> AnswerLogprobs | None:
+    """:func:`answer_logprobs` of ``rows`` (each the ids of prompt and answer and its number of answer tokens) with
+    every distinct prompt run once: one forward over the distinct prompts but their last token (right-padded),
+    then one over each row's scored positions (its prompt's last token and all but the last answer token) on its
+    prompt's cache. Differentiable. None where nothing is shared, a prompt is a single token, or the padded width
+    would cross the model's sliding attention window: score those rows with :func:`answer_logprobs`."""
+    contexts: dict[tuple[int, ...], int] = {}
+    owners = [contexts.setdefault(tuple(ids[: len(ids) - n - 1]), len(contexts)) for ids, n in rows]
+    tails = [ids[len(ids) - n - 1: len(ids) - 1] for ids, n in rows]
+    width = max(len(c) for c in contexts) + max(len(t) for t in tails)
+    if len(contexts) == len(rows) or not all(contexts) or not fits_sliding_window(model, width):
+        return None
+    device = model_device(model)
+    context_ids, context_mask = pad_batch([list(c) for c in contexts], pad, left=False)
+    cache = forward_with_cache(model, context_ids.to(device), context_mask.to(device), keep=1).past_key_values
+    index = torch.tensor(owners, dtype=torch.long)
+    tail_ids, tail_mask = pad_batch(tails, pad, left=False)
+    targets, _ = pad_batch([ids[len(ids) - n:] for ids, n in rows], pad, left=False)
+    positions = context_mask.sum(dim=1)[index][:, None] + torch.arange(tail_ids.shape[1])[None, :]
+    attention_mask = torch.cat([context_mask[index], tail_mask], dim=1)
+    logits = model(input_ids=tail_ids.to(device), attention_mask=attention_mask.to(device),
+                   position_ids=positions.to(device), past_key_values=cache_rows(cache, index.to(device)),
+                   use_cache=True).logits
+    token_logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
+    mask = tail_mask.bool().to(device)
+    sums = torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=1)
+    return AnswerLogprobs(sums=sums, counts=mask.sum(dim=1).to(sums.dtype))
 
 
 def answer_logprobs(model: nn.Module, batch: PairBatch) -> AnswerLogprobs:
@@ -291,11 +335,13 @@ def score_examples(
     max_length: int | None = None,
     score: ScoreKind = "sum",
     add_bos: bool | None = None,
+    share_prompts: bool = True,
 ) -> ScoredBatch:
-    """Score every gold answer and (optionally) every negative of ``examples`` in one forward pass.
+    """Score every gold answer and (optionally) every negative of ``examples`` in one batch.
 
     The negatives' scores are of kind ``score``; inputs start with BOS where the harness adds it for ``model``
-    (:func:`avss_lib.core.harness.default_add_bos`) unless ``add_bos`` says otherwise."""
+    (:func:`avss_lib.core.harness.default_add_bos`) unless ``add_bos`` says otherwise. With ``share_prompts``
+    each question's prompt is run once for all of its answers (:func:`shared_prompt_logprobs`)."""
     prompts = [ex.prompt for ex in examples]
     answers = [ex.positive for ex in examples]
     owners: list[int] = []
@@ -305,7 +351,9 @@ def score_examples(
             answers.extend(ex.negatives)
             owners.extend([b] * len(ex.negatives))
     add_bos = default_add_bos(model) if add_bos is None else add_bos
-    scored = answer_logprobs(model, encode_pairs(tokenizer, prompts, answers, max_length, add_bos))
+    rows = _encode_rows(tokenizer, prompts, answers, max_length, add_bos)
+    shared = shared_prompt_logprobs(model, rows, pad_id(tokenizer)) if share_prompts else None
+    scored = shared if shared is not None else answer_logprobs(model, _pad_rows(rows, pad_id(tokenizer)))
     n = len(examples)
     pos = AnswerLogprobs(sums=scored.sums[:n], counts=scored.counts[:n])
     if not with_negatives:

@@ -58,6 +58,7 @@ class TrainConfig:
     max_length: int = 256
     validate_every: int = 0  # steps between evaluations of the validation objective; 0: no early stopping
     patience: int = 3  # evaluations without improvement before training stops
+    share_prompts: bool = True  # run each question's prompt once for all of its answers (same scores, fewer tokens)
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`ConfigError` naming the fix for any value the run cannot use."""
@@ -266,7 +267,8 @@ def validation_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, valida
         for start in range(0, len(validation), config.batch_size):
             batch = list(validation[start:start + config.batch_size])
             scored = score_examples(model, tokenizer, batch, with_negatives=config.lambda_con > 0,
-                                    max_length=config.max_length, score=config.score)
+                                    max_length=config.max_length, score=config.score,
+                                    share_prompts=config.share_prompts)
             parts = combined_loss(scored.pos, scored.neg_scores, scored.neg_mask, loss=config.loss,
                                   lambda_con=config.lambda_con, lambda_lm=config.lambda_lm,
                                   temperature=config.temperature, margin=config.margin, score=config.score)
@@ -287,7 +289,7 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     scored = score_examples(
         model, tokenizer, batch, with_negatives=config.lambda_con > 0, max_length=config.max_length,
-        score=config.score)
+        score=config.score, share_prompts=config.share_prompts)
     parts = combined_loss(
         scored.pos, scored.neg_scores, scored.neg_mask, loss=config.loss, lambda_con=config.lambda_con,
         lambda_lm=config.lambda_lm, temperature=config.temperature, margin=config.margin, score=config.score)
