@@ -67,6 +67,7 @@ class MitigationSettings:
     arms: tuple[str, ...] = ARMS
     max_negatives: int = 4
     train_max_length: int = 256
+    share_prompts: bool = True  # training runs each question's prompt once for all of its answers (same scores)
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     validate_every: int = 0  # steps between validation evaluations (early stopping); 0: train all steps
@@ -116,7 +117,7 @@ class MitigationSettings:
                            score=self.score,  # type: ignore[arg-type]
                            grad_clip=self.grad_clip, seed=seed, checkpoint_every=self.checkpoint_every,
                            max_length=self.train_max_length, validate_every=self.validate_every,
-                           patience=self.patience)
+                           patience=self.patience, share_prompts=self.share_prompts)
 
     def eval_key(self) -> dict[str, Any]:
         """The evaluation options a finished run's results depend on (part of its resume key)."""

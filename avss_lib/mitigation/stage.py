@@ -135,8 +135,9 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
                    eavss_source: str = "pooled", avss_variant: str = "block_rel", arms: Sequence[str], steps: int,
                    lr: float, batch_size: int = 4, lambda_con: float = 1.0, lambda_lm: float = 1.0,
                    temperature: float = 1.0, loss: str = "infonce", score: str = "sum", max_negatives: int = 4,
-                   train_max_length: int = 256, seeds: Sequence[int] = (0,), random_draws: int = 3,
-                   eval_batch_size: int = 8, eval_dtype: str | None = None, ppl_chars: int | None = 20_000,
+                   train_max_length: int = 256, share_prompts: bool = True, seeds: Sequence[int] = (0,),
+                   random_draws: int = 3, eval_batch_size: int = 8, eval_dtype: str | None = None,
+                   ppl_chars: int | None = 20_000,
                    ppl_max_length: int = 512, ppl_batch_size: int = 1, n_bootstrap: int = 1000,
                    min_effect: float = 0.5,
                    random_margin: float = RANDOM_MARGIN, power: float = 0.8, iti_tune_n: int | None = 24,
@@ -156,8 +157,9 @@ def run_mitigation(run_dir: RunDir, *, model: str, device: str = "cpu", dtype: s
     settings = MitigationSettings(
         k=k, steps=steps, lr=lr, lambda_con=lambda_con, lambda_lm=lambda_lm, temperature=temperature, loss=loss,
         score=score, batch_size=batch_size, seeds=tuple(seeds), random_draws=random_draws, arms=tuple(arms),
-        max_negatives=max_negatives, train_max_length=train_max_length, eval_batch_size=eval_batch_size,
-        eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length, ppl_batch_size=ppl_batch_size,
+        max_negatives=max_negatives, train_max_length=train_max_length, share_prompts=share_prompts,
+        eval_batch_size=eval_batch_size, eval_dtype=eval_dtype, ppl_chars=ppl_chars, ppl_max_length=ppl_max_length,
+        ppl_batch_size=ppl_batch_size,
         label_convention=eval_options["label_convention"], sciq_with_support=eval_options["sciq_with_support"],
         wikiqa_scoring=eval_options["wikiqa_scoring"],
         open_qa_shots={name: shots_by_id(benchmarks[name], ids) for name, ids in shot_ids.items()})
