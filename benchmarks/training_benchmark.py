@@ -6,11 +6,11 @@ Both train the same layers from the same weights on the same batches, for ``--st
 A B B A (plain, shared, shared, plain) so that drift in the machine's load falls on both alike. The training
 examples and the EAVSS arm's layers (seed 0) are read from a run folder that has run chapter 05
 (``05_mitigation/train_examples.parquet`` and ``arms.csv``). It checks that both give the same per-step losses
-(within ``--tolerance``) and writes ``benchmarks/records/training_step.json``: date, commit, machine, versions, the
+(within ``--tolerance``) and writes ``benchmarks/records/training_step.json`` (``--record`` names another): date, commit, machine, versions, the
 seconds of each (mean of its two passes), the speed-up and the largest loss difference.
 
 Usage: ``python benchmarks/training_benchmark.py [--run-dir data/runs/default] [--steps 20] [--batch-size 4]
-[--max-length 256] [--threads 2]`` (the default profile's batch and length; ``full`` uses 8 and 512).
+[--max-length 128] [--max-negatives 2] [--threads 2]`` (the default profile's sizes; ``full`` uses 8, 512 and 4).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,16 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("data/runs/default"), help="a run that ran chapter 05")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per (prompt, answer) pair")
+    parser.add_argument("--max-negatives", type=int, default=2, help="negatives per question (the first ones)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest per-step loss difference allowed")
     parser.add_argument("--record", type=Path, default=RECORD)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.timezone.utc)
-    examples = to_examples(TRAIN_EXAMPLES.read(args.run_dir))
+    examples = [replace(e, negatives=e.negatives[:args.max_negatives])
+                for e in to_examples(TRAIN_EXAMPLES.read(args.run_dir))]
     layers = eavss_layers(args.run_dir)
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -83,7 +86,7 @@ def main() -> None:
     record = {"date": started.isoformat(timespec="seconds"), "commit": current_commit(),
               "model": model_provenance(DEFAULT_MODEL), "run_dir": str(args.run_dir), "layers": list(layers),
               "examples": len(examples), "steps": args.steps, "batch_size": args.batch_size,
-              "max_length": args.max_length,
+              "max_length": args.max_length, "max_negatives": args.max_negatives,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
               "versions": {p: package_version(p) for p in PACKAGES},
