@@ -257,7 +257,7 @@ def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[
     rests = [list(context[len(common):]) for context, _ in batch]
     ids, mask = pad_batch(rests, pad_id, left=False)
     if base is not None:
-        past = cache_rows(base, torch.zeros(len(batch), dtype=torch.long, device=device))
+        past = _cache_rows(base, torch.zeros(len(batch), dtype=torch.long, device=device))
         mask = torch.cat([torch.ones((len(batch), len(common)), dtype=torch.long), mask], dim=1)
         cache = forward_with_cache(model, ids.to(device), mask.to(device), keep=1, past_key_values=past).past_key_values
     else:
@@ -269,19 +269,29 @@ def _score_shared(model: nn.Module, batch: Sequence[tuple[tuple[int, ...], list[
     for start in range(0, len(order), max_rows):
         part = [rows[r] for r in order[start:start + max_rows]]
         index = torch.tensor([g for g, _, _ in part], dtype=torch.long)
-        tails, tail_mask = pad_batch([tail for _, tail, _ in part], pad_id, left=False)
-        lengths = torch.tensor([len(common) + len(rests[g]) for g, _, _ in part], dtype=torch.long)
-        positions = lengths[:, None] + torch.arange(tails.shape[1])[None, :]
-        logits = model(input_ids=tails.to(device), attention_mask=torch.cat([mask[index], tail_mask], dim=1).to(device),
-                       position_ids=positions.to(device), past_key_values=cache_rows(cache, index.to(device)),
-                       use_cache=True).logits
+        logits, _ = logits_on_cache(model, cache, mask, index, [tail for _, tail, _ in part], pad_id)
         for k, r in enumerate(order[start:start + max_rows]):
             g, j = slot[r]
             results[g][j] = _continuation_result(logits[k, : len(rows[r][2])], rows[r][2])
     return results  # type: ignore[return-value]
 
 
-def cache_rows(cache: Any, index: torch.Tensor) -> Any:
+def logits_on_cache(model: nn.Module, cache: Any, context_mask: torch.Tensor, index: torch.Tensor,
+                    tails: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of each row's ``tails`` right after context ``index[row]`` of ``cache``, whose right-padded
+    contexts have attention mask ``context_mask`` (on the CPU), and the tails' own mask: positions continue each
+    context's real tokens, and the padding between a context and its tail is masked."""
+    device = model_device(model)
+    tail_ids, tail_mask = pad_batch([list(t) for t in tails], pad_id, left=False)
+    positions = context_mask.sum(dim=1)[index][:, None] + torch.arange(tail_ids.shape[1])[None, :]
+    attention_mask = torch.cat([context_mask[index], tail_mask], dim=1)
+    logits = model(input_ids=tail_ids.to(device), attention_mask=attention_mask.to(device),
+                   position_ids=positions.to(device), past_key_values=_cache_rows(cache, index.to(device)),
+                   use_cache=True).logits
+    return logits, tail_mask
+
+
+def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
     """A cache holding rows ``index`` of ``cache`` (repeats allowed), leaving ``cache`` as it was: each layer is a
     shallow copy whose key and value tensors are re-indexed."""
     rows = copy.copy(cache)

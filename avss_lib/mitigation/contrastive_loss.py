@@ -66,8 +66,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from avss_lib.core.errors import ConfigError, DataError
-from avss_lib.core.harness import (cache_rows, default_add_bos, encode_pair, fits_sliding_window,
-                                   forward_with_cache, logits_from, model_device, pad_batch, pad_id)
+from avss_lib.core.harness import (default_add_bos, encode_pair, fits_sliding_window, forward_with_cache,
+                                   logits_from, logits_on_cache, model_device, pad_batch, pad_id)
 
 LossKind = Literal["infonce", "margin"]
 LOSS_KINDS: tuple[str, ...] = ("infonce", "margin")
@@ -194,14 +194,8 @@ def shared_prompt_logprobs(model: nn.Module, rows: Sequence[tuple[list[int], int
     device = model_device(model)
     context_ids, context_mask = pad_batch([list(c) for c in contexts], pad, left=False)
     cache = forward_with_cache(model, context_ids.to(device), context_mask.to(device), keep=1).past_key_values
-    index = torch.tensor(owners, dtype=torch.long)
-    tail_ids, tail_mask = pad_batch(tails, pad, left=False)
+    logits, tail_mask = logits_on_cache(model, cache, context_mask, torch.tensor(owners, dtype=torch.long), tails, pad)
     targets, _ = pad_batch([ids[len(ids) - n:] for ids, n in rows], pad, left=False)
-    positions = context_mask.sum(dim=1)[index][:, None] + torch.arange(tail_ids.shape[1])[None, :]
-    attention_mask = torch.cat([context_mask[index], tail_mask], dim=1)
-    logits = model(input_ids=tail_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=positions.to(device), past_key_values=cache_rows(cache, index.to(device)),
-                   use_cache=True).logits
     token_logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
     mask = tail_mask.bool().to(device)
     sums = torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=1)
@@ -352,8 +346,9 @@ def score_examples(
             owners.extend([b] * len(ex.negatives))
     add_bos = default_add_bos(model) if add_bos is None else add_bos
     rows = _encode_rows(tokenizer, prompts, answers, max_length, add_bos)
-    shared = shared_prompt_logprobs(model, rows, pad_id(tokenizer)) if share_prompts else None
-    scored = shared if shared is not None else answer_logprobs(model, _pad_rows(rows, pad_id(tokenizer)))
+    pad = pad_id(tokenizer)
+    shared = shared_prompt_logprobs(model, rows, pad) if share_prompts else None
+    scored = shared if shared is not None else answer_logprobs(model, _pad_rows(rows, pad))
     n = len(examples)
     pos = AnswerLogprobs(sums=scored.sums[:n], counts=scored.counts[:n])
     if not with_negatives:
