@@ -763,16 +763,16 @@ def test_the_intervention_strength_enters_only_the_intervention_runs_key() -> No
     assert keys["iti"][0] != keys["iti"][1]
 
 
-def test_shared_prompts_enter_the_trained_runs_key_and_one_sequence_per_answer_keeps_the_older_key() -> None:
-    """Sharing prompts changes a trained run's key (its trajectory differs by round-off); one sequence per answer
-    keys a run exactly as a run trained before the option existed, so that such runs resume."""
+def test_shared_prompts_enter_the_trained_runs_key_and_not_the_untrained_runs() -> None:
+    """Sharing prompts changes a trained run's key (its trajectory differs by round-off), not the base run's."""
     _, _, _, settings, planned = _pipeline(arms=("base", "eavss"))
     plain = replace(settings, share_prompts=False)
     eavss = next(r for r in planned if r.arm == "eavss")
     base = next(r for r in planned if r.arm == "base")
     shared_key, plain_key = runs.run_key(eavss, settings, "d"), runs.run_key(eavss, plain, "d")
-    assert shared_key["train"]["share_prompts"] is True and "share_prompts" not in plain_key["train"]
-    assert {k: v for k, v in shared_key["train"].items() if k != "share_prompts"} == plain_key["train"]
+    assert shared_key["train"]["share_prompts"] is True and plain_key["train"]["share_prompts"] is False
+    assert {k: v for k, v in shared_key["train"].items() if k != "share_prompts"} == {
+        k: v for k, v in plain_key["train"].items() if k != "share_prompts"}
     assert runs.run_key(base, settings, "d") == runs.run_key(base, plain, "d")
     assert settings.train_config((0,), 0, 1.0).share_prompts and not plain.train_config((0,), 0, 1.0).share_prompts
 

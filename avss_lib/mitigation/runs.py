@@ -83,8 +83,6 @@ def run_key(run: ArmRun, settings: MitigationSettings, data_key: str) -> dict[st
     """Everything a run's results depend on: a finished run with another key is recomputed."""
     config = (asdict(settings.train_config(run.layers, run.seed or 0, run.lambda_con)) if run.arm in TRAINED_ARMS
               else None)
-    if config is not None and not config["share_prompts"]:
-        del config["share_prompts"]  # one sequence per answer: the key of a run trained before prompts were shared
     evaluation = {**settings.eval_key(), **({"iti": settings.iti_key()} if run.arm == "iti" else {})}
     return json.loads(json.dumps({"run": asdict(run), "train": config, "eval": evaluation, "data": data_key}))
 
