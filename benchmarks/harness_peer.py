@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avss_lib.book.reproducibility import package_version
-from avss_lib.book.run_record import current_commit
+from avss_lib.book.run_record import benchmark_machine
 from avss_lib.core import harness
 from avss_lib.core.benchmarks import load_benchmark
 from avss_lib.core.io import write_json
@@ -140,11 +138,8 @@ def main() -> None:
     prompts = generation_prompts(args.data_root, args.n)
     run(model, tokenizer, lm, requests[:16], sizes[:4], prompts[:4], args.batch_size)  # warm-up, not timed
     result = run(model, tokenizer, lm, requests, sizes, prompts, args.batch_size)
-    record = {"date": started.isoformat(timespec="seconds"), "commit": current_commit(), "n": args.n,
-              "model": model_provenance(DEFAULT_MODEL), "batch_size": args.batch_size,
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-              "versions": {p: package_version(p) for p in PACKAGES}, **result}
+    record = {"date": started.isoformat(timespec="seconds"), **benchmark_machine(PACKAGES), "n": args.n,
+              "model": model_provenance(DEFAULT_MODEL), "batch_size": args.batch_size, **result}
     write_json(record, args.record)
     for kind in ("loglikelihood", "generation", "total"):
         r = result[kind]

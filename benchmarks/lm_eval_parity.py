@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import os
-import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 
+from avss_lib.book.run_record import benchmark_machine
 from avss_lib.core.io import write_json
 from avss_lib.core.lm_eval_parity import run_parity
 from avss_lib.core.models import DEFAULT_MODEL, load_model, model_provenance
@@ -45,14 +42,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         _, table = run_parity(model, tokenizer, data_root=args.data_root, n=args.n, folder=Path(folder),
                               batch_size=args.batch_size)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
     record = {
         "date": started.isoformat(timespec="seconds"), "seconds": (dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
-        "commit": commit, "n": args.n, "model": model_provenance(DEFAULT_MODEL),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": args.device},
-        "versions": {p: importlib.metadata.version(p) for p in PACKAGES},
+        **benchmark_machine(PACKAGES, args.device), "n": args.n, "model": model_provenance(DEFAULT_MODEL),
         "all_agree": bool(table["agrees"].all()), "table": table.to_dict(orient="records"),
     }
     write_json(record, args.record)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avss_lib.book.reproducibility import package_version
-from avss_lib.book.run_record import current_commit
+from avss_lib.book.run_record import benchmark_machine
 from avss_lib.core.artifacts import ARMS, TRAIN_EXAMPLES
 from avss_lib.core.errors import DataError
 from avss_lib.core.io import write_json
@@ -83,13 +80,10 @@ def main() -> None:
         seconds[share].append(took)
     plain_s, shared_s = float(np.mean(seconds[False])), float(np.mean(seconds[True]))
     difference = float(np.max(np.abs(losses[True] - losses[False])))
-    record = {"date": started.isoformat(timespec="seconds"), "commit": current_commit(),
+    record = {"date": started.isoformat(timespec="seconds"), **benchmark_machine(PACKAGES),
               "model": model_provenance(DEFAULT_MODEL), "run_dir": str(args.run_dir), "layers": list(layers),
               "examples": len(examples), "steps": args.steps, "batch_size": args.batch_size,
               "max_length": args.max_length, "max_negatives": args.max_negatives,
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-              "versions": {p: package_version(p) for p in PACKAGES},
               "plain_s": plain_s, "shared_s": shared_s, "speedup": plain_s / shared_s,
               "max_loss_difference": difference, "identical": difference <= args.tolerance}
     write_json(record, args.record)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
+
+import torch
 
 from avss_lib.book import cli
+from avss_lib.book.run_record import benchmark_machine
 from avss_lib.core.artifacts import (PROVENANCE_01, RUN_KEY, RUN_RESULT, done_record, mitigation_run_dir, started_record,
                                      verdict)
 from avss_lib.core.io import write_json
@@ -67,3 +73,13 @@ def test_record_of_a_run_cut_off_in_chapter_05_keeps_its_finished_training_runs(
     assert record["unfinished"] == {"05_mitigation": "2026-12-07T10:52:03+0000"}  # 01 finished: not listed
     assert record["mitigation_runs"] == {
         "eavss-s0": {"train_seconds": 75.0, "eval_seconds": 53.0, "steps_run": 199, "best_step": 190}}
+
+
+
+def test_benchmark_machine_names_the_commit_the_machine_and_each_packages_version(monkeypatch):
+    monkeypatch.setenv("AVSS_COMMIT", "feedbeef")
+    got = benchmark_machine(("torch", "no-such-package-avss"), device="cuda")
+    assert got["commit"] == "feedbeef"
+    assert got["versions"] == {"torch": importlib.metadata.version("torch"), "no-such-package-avss": "not installed"}
+    assert got["machine"] == {"platform": platform.platform(), "python": platform.python_version(),
+                              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cuda"}

@@ -39,6 +39,15 @@ def current_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def benchmark_machine(packages: tuple[str, ...], device: str = "cpu") -> dict[str, Any]:
+    """What a benchmark's record says of where it ran: the commit, the machine (platform, Python, CPUs, torch
+    threads, device) and the versions of ``packages``."""
+    return {"commit": current_commit(),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "device": device},
+            "versions": {p: package_version(p) for p in packages}}
+
+
 def run_record(run_dir: RunDir, *, what: str, seconds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The record of the finished notebooks of ``run_dir`` (raises :class:`DataError` when none finished)."""
     run_dir = Path(run_dir)
