@@ -176,6 +176,25 @@ def test_score_examples_arranges_negatives_with_mask() -> None:
     assert lm_only.neg_scores is None
 
 
+def test_a_questions_answers_keep_one_prompt_window_under_max_length() -> None:
+    """Cut to 8 tokens (a token a char), "abcdefgh" keeps the 4 characters its longest answer " zzz" leaves before
+    each of its answers (the pair with " x" alone would keep 6); "Q:ijklmn" keeps the 5 that " yy" leaves."""
+    model = tiny_model("llama", n_layers=2, seed=0)
+    examples = [ContrastiveExample("a", "abcdefgh", " x", (" zzz",)),
+                ContrastiveExample("b", "Q:ijklmn", " yy", (" w",))]
+    with torch.no_grad():
+        scored = score_examples(model, TOK, examples, max_length=8, score="mean")
+        plain = score_examples(model, TOK, examples, max_length=8, score="mean", share_prompts=False)
+    assert scored.pos.counts.tolist() == [2.0, 3.0]
+    assert scored.pos.scores[0].item() == pytest.approx(_manual_score(model, "efgh", " x"), abs=1e-5)
+    assert scored.neg_scores[0, 0].item() == pytest.approx(_manual_score(model, "efgh", " zzz"), abs=1e-5)
+    assert scored.pos.scores[1].item() == pytest.approx(_manual_score(model, "jklmn", " yy"), abs=1e-5)
+    assert scored.neg_scores[1, 0].item() == pytest.approx(_manual_score(model, "jklmn", " w"), abs=1e-5)
+    assert torch.allclose(scored.neg_scores, plain.neg_scores, atol=1e-5)
+    single = encode_pairs(TOK, ["abcdefgh"], [" x"], max_length=8)  # one pair alone: its own window
+    assert "".join(TOK.convert_ids_to_tokens(single.input_ids[0].tolist())) == "cdefgh x"
+
+
 # --- each prompt run once for all of its answers ---------------------------------------------------
 
 SHARED_EXAMPLES = [

@@ -46,7 +46,9 @@ InfoNCE denominator and the margin mean.
 (:func:`avss_lib.core.harness.encode_pair`: the lm-evaluation-harness split, and BOS only where the harness adds
 it, :func:`avss_lib.core.harness.default_add_bos`), so training scores an answer the way it is later scored. Batches are right-padded, so padding never precedes or shifts a real token.
 When a pair exceeds ``max_length`` tokens the prompt is cut from the left; an answer alone longer than
-``max_length - 1`` tokens is cut at the right (its :math:`|a|` is then the kept length).
+``max_length - 1`` tokens is cut at the right (its :math:`|a|` is then the kept length). In training
+(:func:`score_examples`) all answers of a question keep the same prompt window, the one its longest (kept) answer
+leaves, so that the contrastive term compares them on one context, as the evaluation does, where nothing is cut.
 
 **Shared prompts.** A question's gold answer and its negatives follow the same prompt. With ``share_prompts``
 (the default) :func:`score_examples` runs each distinct prompt once and scores all of its answers on that
@@ -141,29 +143,36 @@ def encode_pairs(
 
 def _encode_rows(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], max_length: int | None,
-    add_bos: bool
+    add_bos: bool, questions: Sequence[int] | None = None
 ) -> list[tuple[list[int], int]]:
-    """Each pair's ids (prompt, then answer) and its number of answer tokens, unpadded."""
+    """Each pair's ids (prompt, then answer) and its number of answer tokens, unpadded. With ``questions`` (each
+    pair's question), the pairs of a question keep one prompt window: the one its longest kept answer leaves."""
     if len(prompts) != len(answers):
         raise DataError(f"{len(prompts)} prompts but {len(answers)} answers: pass one answer per prompt")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt and an answer: use >= 2")
-    return [_encode_pair(tokenizer, p, a, max_length, add_bos) for p, a in zip(prompts, answers)]
+    pairs = [_encode_pair(tokenizer, p, a, max_length, add_bos) for p, a in zip(prompts, answers)]
+    if max_length is None:
+        return [(prompt_ids + answer_ids, len(answer_ids)) for prompt_ids, answer_ids in pairs]
+    room = [max_length - len(answer_ids) for _, answer_ids in pairs]
+    if questions is not None:
+        window: dict[int, int] = {}
+        for q, r in zip(questions, room):
+            window[q] = min(window.get(q, r), r)
+        room = [window[q] for q in questions]
+    return [(prompt_ids[-r:] + answer_ids, len(answer_ids)) for (prompt_ids, answer_ids), r in zip(pairs, room)]
 
 
 def _encode_pair(
     tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int | None, add_bos: bool
-) -> tuple[list[int], int]:
-    """Return the concatenated ids and the number of answer tokens at their end."""
+) -> tuple[list[int], list[int]]:
+    """The prompt's ids, whole, and the answer's, cut to ``max_length - 1``."""
     if not prompt:
         raise DataError(f"prompt {prompt!r} encodes to no tokens: the first answer token needs a context")
     if not answer.strip():
         raise DataError(f"answer {answer!r} (prompt {prompt!r}) encodes to no tokens: drop empty answers")
     prompt_ids, answer_ids = encode_pair(tokenizer, prompt, answer, add_bos=add_bos)
-    if max_length is not None:
-        answer_ids = answer_ids[: max_length - 1]
-        prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
-    return prompt_ids + answer_ids, len(answer_ids)
+    return prompt_ids, answer_ids[: max_length - 1] if max_length is not None else answer_ids
 
 
 def _pad_rows(rows: list[tuple[list[int], int]], pad: int) -> PairBatch:
@@ -333,7 +342,8 @@ def score_examples(
 ) -> ScoredBatch:
     """Score every gold answer and (optionally) every negative of ``examples`` in one batch.
 
-    The negatives' scores are of kind ``score``; inputs start with BOS where the harness adds it for ``model``
+    The negatives' scores are of kind ``score``; a question's answers share one prompt window under
+    ``max_length`` (module docstring); inputs start with BOS where the harness adds it for ``model``
     (:func:`avss_lib.core.harness.default_add_bos`) unless ``add_bos`` says otherwise. With ``share_prompts``
     each question's prompt is run once for all of its answers (:func:`shared_prompt_logprobs`)."""
     prompts = [ex.prompt for ex in examples]
@@ -345,7 +355,7 @@ def score_examples(
             answers.extend(ex.negatives)
             owners.extend([b] * len(ex.negatives))
     add_bos = default_add_bos(model) if add_bos is None else add_bos
-    rows = _encode_rows(tokenizer, prompts, answers, max_length, add_bos)
+    rows = _encode_rows(tokenizer, prompts, answers, max_length, add_bos, questions=list(range(len(examples))) + owners)
     pad = pad_id(tokenizer)
     shared = shared_prompt_logprobs(model, rows, pad) if share_prompts else None
     scored = shared if shared is not None else answer_logprobs(model, _pad_rows(rows, pad))
