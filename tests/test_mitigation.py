@@ -777,6 +777,34 @@ def test_shared_prompts_enter_the_trained_runs_key_and_not_the_untrained_runs() 
     assert settings.train_config((0,), 0, 1.0).share_prompts and not plain.train_config((0,), 0, 1.0).share_prompts
 
 
+def test_a_runs_key_holds_the_code_that_trains_and_evaluates_it_and_not_the_report() -> None:
+    """The key hashes the modules runs.py imports, transitively: training, scoring and the harness, not the
+    chapter's prose, figures, tables or verdict, whose changes therefore reuse finished runs."""
+    from avss_lib.core.source_digest import module_closure, source_digest
+
+    _, _, _, settings, planned = _pipeline(arms=("base", "eavss"))
+    closure = {str(p).split("avss_lib/")[-1] for p in module_closure([runs.RUN_CODE])}
+    assert {"mitigation/training.py", "mitigation/contrastive_loss.py", "mitigation/intervention.py",
+            "core/harness.py", "core/tasks.py", "hallucination/answers.py"} <= closure
+    assert not closure & {"mitigation/prose.py", "mitigation/figures.py", "mitigation/tables.py",
+                          "mitigation/verdict.py", "mitigation/stage.py", "book/pipeline.py"}
+    key = runs.run_key(planned[0], settings, "d")
+    assert key["code"] == source_digest(module_closure([runs.RUN_CODE]))
+
+
+def test_the_runs_input_key_changes_with_the_base_weights_and_their_dtype() -> None:
+    examples, sets, _, _, _ = _pipeline(arms=("base",))
+    model = tiny_model("llama", N_LAYERS)
+    state, key = runs.base_weights_and_key(model, examples, sets)
+    assert runs.base_weights_and_key(model, examples, sets)[1] == key
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-3
+    assert runs.base_weights_and_key(model, examples, sets)[1] != key
+    model.load_state_dict(state)
+    assert runs.base_weights_and_key(model.to(torch.bfloat16), examples, sets)[1] != key
+
+
 def test_validation_slice_is_a_seeded_disjoint_share_of_the_training_questions() -> None:
     examples = [td.ContrastiveExample(f"d:{i}", "p", " a", (" b",)) for i in range(20)]
     train_part, held = td.hold_out_validation(examples, 0.1, seed=3)

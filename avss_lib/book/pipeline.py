@@ -33,6 +33,7 @@ from avss_lib.book.claims import claims_markdown, models_claims_markdown
 from avss_lib.book.model_comparison import comparison_markdown
 from avss_lib.book.model_runs import COMPARISON_PAGE, models_toc
 from avss_lib.core.io import atomic_path, read_json, write_json
+from avss_lib.core.source_digest import imported_modules, module_closure, source_digest
 from avss_lib.book.reproducibility import appendix_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -162,45 +163,12 @@ def notebook_parameters(profile: dict[str, Any], notebook: str, run_dir: Path) -
     return params
 
 
-def _imported_modules(tree: ast.AST, package: str = "avss_lib") -> set[str]:
-    """Dotted names of the ``package`` modules a parsed source imports (absolute imports, as the library uses).
-
-    ``from avss_lib.core import io`` names ``avss_lib.core.io`` when that is a module, else ``avss_lib.core``.
-    """
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.startswith(f"{package}.")}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                (node.module == package or node.module.startswith(f"{package}.")):
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")}
-    return {n for n in names if _module_file(n)}
-
-
-def _module_file(dotted: str) -> Path | None:
-    """The source file of an ``avss_lib`` module or package (its ``__init__.py``), or None."""
-    base = REPO_ROOT / Path(*dotted.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
 def library_modules(notebook: str) -> list[Path]:
     """The ``avss_lib`` source files a notebook depends on: those its cells import, and theirs, transitively."""
     cells = json.loads((NOTEBOOK_DIR / f"{notebook}.ipynb").read_text())["cells"]
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     lines = [line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))]
-    todo = _imported_modules(ast.parse("\n".join(lines)))
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo |= _imported_modules(ast.parse(_module_file(name).read_text())) - seen  # type: ignore[union-attr]
-    return sorted(_module_file(name) for name in seen)  # type: ignore[type-var]
+    return module_closure(imported_modules(ast.parse("\n".join(lines))))
 
 
 def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
@@ -208,8 +176,7 @@ def _fingerprint(notebook: str, params: dict[str, Any], run_dir: Path) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(params, sort_keys=True).encode())
     h.update((NOTEBOOK_DIR / f"{notebook}.ipynb").read_bytes())
-    for module in library_modules(notebook):
-        h.update(str(module.relative_to(REPO_ROOT)).encode() + module.read_bytes())
+    h.update(source_digest(library_modules(notebook)).encode())
     for upstream in NOTEBOOKS[notebook]:
         h.update(read_json(done_record(run_dir, upstream))["fingerprint"].encode())
     for upstream in OPTIONAL_UPSTREAM.get(notebook, ()):

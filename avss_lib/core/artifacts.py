@@ -180,9 +180,10 @@ def pruning_checkpoint_dir(run_dir: RunDir) -> Path:
     return stage_dir(run_dir, "03_pruning") / "_sets"
 
 
-#: Sub-folders of a stage whose files name their own validity key (e.g. a hash of the inputs and the scoring code
-#: of a pruned set): the pipeline keeps them when it clears a stage for a run of other parameters or code.
-SELF_KEYED: dict[str, tuple[str, ...]] = {"03_pruning": ("_sets",)}
+#: Sub-folders of a stage whose files name their own validity key (a hash of the inputs and the scoring code of a
+#: pruned set; a mitigation run's key, :func:`avss_lib.mitigation.runs.run_key`): the pipeline keeps them when it
+#: clears a stage for a run of other parameters or code.
+SELF_KEYED: dict[str, tuple[str, ...]] = {"03_pruning": ("_sets",), "05_mitigation": ("runs",)}
 
 # ------------------------------------------------------------------------------------------ 04 hallucination
 

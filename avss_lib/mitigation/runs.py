@@ -6,7 +6,9 @@ set with :func:`avss_lib.hallucination.answers.answer_benchmark` (chapter 04's e
 model reproduces chapter 04's answers on those questions), plus WikiText-2 perplexity on a fixed prefix of the
 test split. Each run's results go to :func:`avss_lib.core.artifacts.mitigation_run_dir` and its
 ``RUN_RESULT`` file is written last, atomically: an interrupted chapter resumes from the finished runs, and an
-interrupted training run from its last checkpoint. A finished run whose settings changed is recomputed.
+interrupted training run from its last checkpoint. A finished run is recomputed when its key changes
+(:func:`run_key`: its settings, data, base weights, or the code that trains and evaluates it) and reused otherwise;
+the pipeline keeps the runs' folder when it clears the chapter (:data:`avss_lib.core.artifacts.SELF_KEYED`).
 
 Per-example results carry ``correct`` (chapter 04's label convention: exact match by default for open QA, the
 chosen option for SciQ, the top sentence for WikiQA, MC1 for TruthfulQA) and ``confidence`` (length-normalised
@@ -38,6 +40,7 @@ from avss_lib.core.benchmarks import Benchmark
 from avss_lib.core.errors import DataError
 from avss_lib.core.io import read_json, read_table, write_json, write_table
 from avss_lib.core.models import DTYPES
+from avss_lib.core.source_digest import module_closure, source_digest
 from avss_lib.core.tasks import evaluate_task
 from avss_lib.hallucination.answers import answer_benchmark
 from avss_lib.mitigation.arms import TRAINED_ARMS, ArmRun, MitigationSettings
@@ -79,12 +82,19 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_se
     return pd.concat(frames, ignore_index=True), perplexity
 
 
+#: The module whose code, with all it imports, makes a run's numbers (training and evaluation, not the report).
+RUN_CODE = "avss_lib.mitigation.runs"
+
+
 def run_key(run: ArmRun, settings: MitigationSettings, data_key: str) -> dict[str, Any]:
-    """Everything a run's results depend on: a finished run with another key is recomputed."""
+    """Everything a run's results depend on: the run, its settings, its data and the source of the modules that
+    train and evaluate it (:data:`RUN_CODE`, transitively). A finished run with another key is recomputed; one with
+    the same key is reused, even when the chapter's other code (prose, figures, verdicts) changed."""
     config = (asdict(settings.train_config(run.layers, run.seed or 0, run.lambda_con)) if run.arm in TRAINED_ARMS
               else None)
     evaluation = {**settings.eval_key(), **({"iti": settings.iti_key()} if run.arm == "iti" else {})}
-    return json.loads(json.dumps({"run": asdict(run), "train": config, "eval": evaluation, "data": data_key}))
+    return json.loads(json.dumps({"run": asdict(run), "train": config, "eval": evaluation, "data": data_key,
+                                  "code": source_digest(module_closure([RUN_CODE]))}))
 
 
 def data_fingerprint(examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark]) -> str:
@@ -93,6 +103,18 @@ def data_fingerprint(examples: Sequence[ContrastiveExample], eval_sets: Mapping[
     h.update(json.dumps([asdict(e) for e in examples], sort_keys=True).encode())
     h.update(json.dumps({k: [e.id for e in b.examples] for k, b in eval_sets.items()}, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def base_weights_and_key(model: nn.Module, examples: Sequence[ContrastiveExample], eval_sets: Mapping[str, Benchmark]
+                         ) -> tuple[dict[str, torch.Tensor], str]:
+    """A copy of the weights every run starts from, and the key of a run's inputs: :func:`data_fingerprint` and a
+    hash of those weights (their bytes, so another model or dtype never reuses a run, on whatever device it ran)."""
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    h = hashlib.sha256(data_fingerprint(examples, eval_sets).encode())
+    for name, tensor in base_state.items():
+        h.update(name.encode())
+        h.update(tensor.reshape(-1).cpu().view(torch.uint8).numpy())
+    return base_state, h.hexdigest()[:16]
 
 
 @dataclass
@@ -160,8 +182,7 @@ def run_share(model: nn.Module, tokenizer: PreTrainedTokenizerBase, share: Seque
               settings: MitigationSettings, run_dir: RunDir, validation: Sequence[ContrastiveExample] = ()) -> None:
     """A worker's share of :func:`run_all` (:func:`avss_lib.core.workers.prefill`): its runs trained and evaluated
     from the freshly loaded ``model``'s weights into their run folders, where the serial pass finds them."""
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data_key = data_fingerprint([*examples, *validation], eval_sets)
+    base_state, data_key = base_weights_and_key(model, [*examples, *validation], eval_sets)
     for run in share:
         run_arm(run, model, tokenizer, base_state, examples, eval_sets, ppl, settings, run_dir, data_key=data_key,
                 progress=False, validation=validation)
@@ -188,8 +209,7 @@ def run_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, runs: Sequence
     """
     if not examples:
         raise DataError("no training examples: check the split and build_training_frame")
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data_key = data_fingerprint([*examples, *validation], eval_sets)
+    base_state, data_key = base_weights_and_key(model, [*examples, *validation], eval_sets)
     outputs = []
     for run in runs:
         output = run_arm(run, model, tokenizer, base_state, examples, eval_sets, ppl, settings, run_dir,
