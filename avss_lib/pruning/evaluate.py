@@ -29,6 +29,7 @@ from avss_lib.core.benchmarks import Benchmark
 from avss_lib.core.errors import ConfigError
 from avss_lib.core.io import atomic_path
 from avss_lib.core.layer_removal import remove_layers
+from avss_lib.core.source_digest import PACKAGE_ROOT, source_digest
 from avss_lib.core.tasks import TaskResult, evaluate_task
 from avss_lib.pruning.plan import BASE_SET
 from avss_lib.pruning.tasks import PRIMARY_METRIC, TaskSpec
@@ -41,11 +42,7 @@ SCORING_MODULES: tuple[str, ...] = ("core/activation_stats.py", "core/answer_mat
 
 def scoring_code_digest() -> str:
     """sha256 of the source of :data:`SCORING_MODULES`."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for name in SCORING_MODULES:
-        h.update(name.encode() + (root / name).read_bytes())
-    return h.hexdigest()
+    return source_digest(PACKAGE_ROOT / name for name in SCORING_MODULES)
 
 
 #: Per-example column of ``TaskResult.per_example`` whose mean is the primary metric.
