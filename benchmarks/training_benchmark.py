@@ -4,7 +4,7 @@ sequence per answer.
 Both train the same layers from the same weights on the same batches, for ``--steps`` optimiser steps of
 :func:`avss_lib.mitigation.training.train` (forward, backward, clipping, AdamW), in one process and in the order
 A B B A (plain, shared, shared, plain) so that drift in the machine's load falls on both alike. The training
-examples and the EAVSS arm's layers (seed 0) are read from a run folder that has run chapter 05
+examples and the EAVSS arm's layers (its first seed) are read from a run folder that has run chapter 05
 (``05_mitigation/train_examples.parquet`` and ``arms.csv``). It checks that both give the same per-step losses
 (within ``--tolerance``) and writes ``benchmarks/records/training_step.json`` (``--record`` names another): date, commit, machine, versions, the
 seconds of each (mean of its two passes), the speed-up and the largest loss difference.
@@ -37,12 +37,12 @@ PACKAGES = ("torch", "transformers")
 
 
 def eavss_layers(run_dir: Path) -> tuple[int, ...]:
-    """The layers the run's EAVSS arm (seed 0) trained, from its ``arms.csv``."""
+    """The layers the run's EAVSS arm trained (its first seed), from its ``arms.csv``."""
     arms = ARMS.read(run_dir)
-    row = arms[arms["run_id"] == "eavss-s0"]
-    if row.empty:
-        raise DataError(f"{ARMS.path(run_dir)} has no eavss-s0 run: run chapter 05 with the eavss arm first")
-    return tuple(int(i) for i in row.iloc[0]["layers"])
+    rows = arms[arms["arm"] == "eavss"].sort_values("seed")
+    if rows.empty:
+        raise DataError(f"{ARMS.path(run_dir)} has no eavss run: run chapter 05 with the eavss arm first")
+    return tuple(int(i) for i in rows.iloc[0]["layers"])
 
 
 def main() -> None:
