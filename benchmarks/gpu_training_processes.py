@@ -1,12 +1,13 @@
 """Chapter 05's training step on one GPU: one run at a time against several, and where one step's time goes.
 
 ``full`` trains chapter 05's runs several at a time in worker processes (the notebooks' ``workers``,
-:mod:`avss_lib.core.workers`). At ``full``'s training sizes (8 questions a step, pairs cut to 512 tokens, the
-negatives the examples hold, the EAVSS arm's layers) this benchmark times the optimiser steps of ``--procs``
-processes started together (each its own model, as the workers are), and profiles a few steps of one process with
-``torch.profiler``: the wall time of a step against the time its kernels keep the device busy, and the kernels it
-launches. A step whose kernels fill a small part of its wall time is bound by the host's launches, which more
-processes at a time, CUDA graphs or fused kernels can hide and a faster GPU cannot.
+:mod:`avss_lib.core.workers`). At a profile's training sizes (``full``'s unless ``--profile`` names another:
+questions per step, tokens per pair, learning rate, negatives kept) and the EAVSS arm's layers, this benchmark
+times the optimiser steps of ``--procs`` processes started together (each with its own model, as the workers
+are), and profiles a few steps of one process with ``torch.profiler``: the wall time of a step against the time
+its kernels keep the device busy, and the kernels it launches. A step whose kernels fill a small part of its wall
+time is bound by the host's launches, which more processes at a time, CUDA graphs or fused kernels can hide and a
+faster GPU cannot.
 
 The model is the bundled model's architecture with random weights, built from a folder holding its config and
 tokenizer (the time of a step does not depend on the weights' values), and the examples come from a JSON file: the
@@ -50,15 +51,21 @@ PACKAGES = ("torch", "transformers")
 EXAMPLES_FILE, MODEL_FOLDER = "examples.json", "model"
 
 
-def write_inputs(run_dir: Path, inputs: Path, max_negatives: int) -> None:
-    """The bundled model's config and tokenizer, and the run's training examples and EAVSS layers, into ``inputs``."""
+def write_inputs(run_dir: Path, inputs: Path, profile: str) -> None:
+    """The bundled model's config and tokenizer, the run's training examples and EAVSS layers, and ``profile``'s
+    training sizes (questions per step, tokens per pair, learning rate, negatives kept) into ``inputs``."""
+    from avss_lib.book.pipeline import load_profile
+
+    params = load_profile(profile)["notebooks"]["05_mitigation"]
+    sizes = {"batch_size": params["batch_size"], "max_length": params["train_max_length"], "lr": params["lr"]}
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     model.config.save_pretrained(inputs / MODEL_FOLDER)
     tokenizer.save_pretrained(inputs / MODEL_FOLDER)
-    examples = [{"id": e.id, "prompt": e.prompt, "positive": e.positive, "negatives": list(e.negatives[:max_negatives])}
+    keep = params["max_negatives"]
+    examples = [{"id": e.id, "prompt": e.prompt, "positive": e.positive, "negatives": list(e.negatives[:keep])}
                 for e in to_examples(TRAIN_EXAMPLES.read(run_dir))]
-    write_json({"run_dir": str(run_dir), "layers": list(eavss_layers(run_dir)), "examples": examples},
-               inputs / EXAMPLES_FILE)
+    write_json({"run_dir": str(run_dir), "profile": profile, "sizes": sizes, "layers": list(eavss_layers(run_dir)),
+                "examples": examples}, inputs / EXAMPLES_FILE)
 
 
 def _setup(inputs: Path, device: str, seed: int) -> tuple[Any, Any, list[ContrastiveExample], TrainConfig]:
@@ -69,8 +76,7 @@ def _setup(inputs: Path, device: str, seed: int) -> tuple[Any, Any, list[Contras
     tokenizer = AutoTokenizer.from_pretrained(inputs / MODEL_FOLDER)
     examples = [ContrastiveExample(e["id"], e["prompt"], e["positive"], tuple(e["negatives"]))
                 for e in data["examples"]]
-    train_config = TrainConfig(layers=tuple(data["layers"]), steps=3, lr=2e-5, batch_size=8, max_length=512,
-                               seed=seed, checkpoint_every=10**6)
+    train_config = TrainConfig(layers=tuple(data["layers"]), steps=3, seed=seed, **data["sizes"])
     return model, tokenizer, examples, train_config
 
 
@@ -147,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=Path, required=True, help="folder of the model's config and the examples")
     parser.add_argument("--write-inputs", type=Path, metavar="RUN_DIR", help="write --inputs from this run, then stop")
-    parser.add_argument("--max-negatives", type=int, default=4, help="negatives per question kept (full's 4)")
+    parser.add_argument("--profile", default="full", help="the profile whose training sizes --write-inputs records")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile-steps", type=int, default=5)
@@ -155,7 +161,7 @@ def main() -> None:
     parser.add_argument("--record", type=Path, default=RECORD)
     args = parser.parse_args()
     if args.write_inputs is not None:
-        write_inputs(args.write_inputs, args.inputs, args.max_negatives)
+        write_inputs(args.write_inputs, args.inputs, args.profile)
         return
     started = dt.datetime.now(dt.timezone.utc)
     runs = []
@@ -167,8 +173,8 @@ def main() -> None:
     data = json.loads((args.inputs / EXAMPLES_FILE).read_text())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     write_json({"date": started.isoformat(timespec="seconds"), **benchmark_machine(PACKAGES, args.device), "gpu": gpu,
-                "run_dir": data["run_dir"], "layers": data["layers"], "examples": len(data["examples"]),
-                "steps": args.steps, "batch_size": 8, "max_length": 512, "processes": runs, "profile": profiled},
+                "run_dir": data["run_dir"], "profile_sizes": {data["profile"]: data["sizes"]}, "layers": data["layers"],
+                "examples": len(data["examples"]), "steps": args.steps, "processes": runs, "profile": profiled},
                args.record)
 
 

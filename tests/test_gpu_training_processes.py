@@ -27,7 +27,9 @@ def inputs(tmp_path: Path, bench) -> Path:
     tiny_tokenizer().save_pretrained(tmp_path / bench.MODEL_FOLDER)
     examples = [{"id": f"q{i}", "prompt": f"Question {i}?\nA:", "positive": " yes", "negatives": [" no", " maybe"]}
                 for i in range(3)]
-    (tmp_path / bench.EXAMPLES_FILE).write_text(json.dumps({"run_dir": "r", "layers": [1], "examples": examples}))
+    sizes = {"batch_size": 2, "max_length": 16, "lr": 1e-4}
+    inputs = {"run_dir": "r", "profile": "p", "sizes": sizes, "layers": [1], "examples": examples}
+    (tmp_path / bench.EXAMPLES_FILE).write_text(json.dumps(inputs))
     return tmp_path
 
 
