@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -27,7 +28,8 @@ def test_missing_gguf_and_bad_folder(tmp_path):
 
 def test_hub_id_is_classified_and_fails_readably_offline(monkeypatch):
     assert resolve_spec("HuggingFaceTB/SmolLM2-360M-Instruct").kind == "hub"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the constant it read, or the call waits on the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelSpecError, match="could not load"):
         load_model("someone-nonexistent/model-xyz")
 
