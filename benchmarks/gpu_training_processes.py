@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from avss_lib.book.run_record import benchmark_machine
 from avss_lib.core.artifacts import TRAIN_EXAMPLES
 from avss_lib.core.io import write_json
-from avss_lib.core.models import DEFAULT_MODEL, load_model
+from avss_lib.core.models import DEFAULT_MODEL, load_model, synchronize
 from avss_lib.mitigation.contrastive_loss import ContrastiveExample
 from avss_lib.mitigation.training import TrainConfig, train
 from avss_lib.mitigation.training_data import to_examples
@@ -80,22 +80,17 @@ def _setup(inputs: Path, device: str, seed: int) -> tuple[Any, Any, list[Contras
     return model, tokenizer, examples, train_config
 
 
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed_steps(inputs: Path, device: str, steps: int, seed: int, barrier: Any = None) -> dict[str, float]:
     """Three warm-up steps, then ``steps`` timed ones (after ``barrier``, so that all processes start together)."""
     torch.set_num_threads(1)
     model, tokenizer, examples, config = _setup(inputs, device, seed)
     train(model, tokenizer, examples, config, dataset="gpu_training_processes", progress=False)
-    _synchronize(device)
+    synchronize(model)
     if barrier is not None:
         barrier.wait()
     start = time.perf_counter()
     train(model, tokenizer, examples, replace(config, steps=steps), dataset="gpu_training_processes", progress=False)
-    _synchronize(device)
+    synchronize(model)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return {"seconds": seconds, "ms_per_step": 1000 * seconds / steps, "peak_gib": peak}
@@ -133,13 +128,13 @@ def profile_steps(inputs: Path, device: str, steps: int) -> dict[str, float]:
 
     model, tokenizer, examples, config = _setup(inputs, device, seed=0)
     train(model, tokenizer, examples, config, dataset="gpu_training_processes", progress=False)
-    _synchronize(device)
+    synchronize(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         train(model, tokenizer, examples, replace(config, steps=steps), dataset="gpu_training_processes",
               progress=False)
-        _synchronize(device)
+        synchronize(model)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
